@@ -1,0 +1,234 @@
+//! The command line: `serve`, `check`, `mock-upstream`, `demo`. Each
+//! subcommand loads what it needs, runs, and returns the process exit code.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::app;
+use crate::config::{Config, LogFormat, RawConfig};
+use crate::mock_vendor::{self, MockOptions, MockVendor};
+use crate::telemetry;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "taskgate",
+    version,
+    about = "Sidecar gateway for the vendor's task-update API"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway.
+    Serve {
+        /// TOML config file; without one every key takes its default.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Validate a config and print the effective settings (token redacted).
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run the vendor emulator (for local trials, tests and benchmarks).
+    MockUpstream {
+        #[arg(long, default_value = "127.0.0.1:9080")]
+        listen: String,
+        /// JSON file of caller lines: {"<user_id>[/<sub_user_id>]" | "*": [{name, value, residue, call_line}]}.
+        #[arg(long)]
+        lines: Option<PathBuf>,
+        /// Require this bearer token (default: accept any).
+        #[arg(long, env = "MOCK_UPSTREAM_TOKEN")]
+        token: Option<String>,
+        /// A successful update consumes its line's residue.
+        #[arg(long)]
+        consume: bool,
+    },
+    /// The emulator and the gateway together, on the default ports, ready for curl.
+    Demo {
+        /// Optional gateway config; the upstream and token are the emulator's.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[arg(long, default_value = "127.0.0.1:9080")]
+        upstream_listen: String,
+    },
+}
+
+/// Exit code for a configuration error (EX_CONFIG in sysexits.h).
+const EXIT_CONFIG: u8 = 78;
+
+pub fn run(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Serve { config } => serve(config),
+        Command::Check { config } => check(config),
+        Command::MockUpstream {
+            listen,
+            lines,
+            token,
+            consume,
+        } => mock_upstream(listen, lines, token, consume),
+        Command::Demo {
+            config,
+            upstream_listen,
+        } => demo(config, upstream_listen),
+    }
+}
+
+fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("taskgate: {msg}");
+    ExitCode::from(code)
+}
+
+fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if workers > 0 {
+        b.worker_threads(workers);
+    }
+    b.enable_all().build()
+}
+
+fn serve(path: Option<PathBuf>) -> ExitCode {
+    let config = match Config::load(path.as_deref()) {
+        Ok(c) => c,
+        Err(e) => return fail(EXIT_CONFIG, e),
+    };
+    telemetry::init(config.log_format);
+    let rt = match runtime(config.worker_threads) {
+        Ok(rt) => rt,
+        Err(e) => return fail(1, format!("cannot start the runtime: {e}")),
+    };
+    match rt.block_on(app::run(config, shutdown_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(1, e),
+    }
+}
+
+fn check(path: PathBuf) -> ExitCode {
+    let raw = match RawConfig::read(Some(&path)) {
+        Ok(r) => r,
+        Err(e) => return fail(EXIT_CONFIG, e),
+    };
+    match Config::from_raw(raw.clone(), |k| std::env::var(k).ok()) {
+        Ok(config) => {
+            print!("{}", config.to_redacted_toml(&raw));
+            eprintln!("taskgate: {} is valid", path.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(EXIT_CONFIG, e),
+    }
+}
+
+fn mock_upstream(
+    listen: String,
+    lines: Option<PathBuf>,
+    token: Option<String>,
+    consume: bool,
+) -> ExitCode {
+    telemetry::init(LogFormat::Text);
+    let lines = match lines.map(|p| mock_vendor::read_lines(&p)).transpose() {
+        Ok(l) => l.unwrap_or_else(mock_vendor::sample_lines),
+        Err(e) => return fail(EXIT_CONFIG, format!("--lines {e}")),
+    };
+    let rt = match runtime(0) {
+        Ok(rt) => rt,
+        Err(e) => return fail(1, e),
+    };
+    rt.block_on(async {
+        let opts = MockOptions {
+            token,
+            lines,
+            consume,
+        };
+        let vendor = match MockVendor::bind(&listen, opts).await {
+            Ok(v) => v,
+            Err(e) => return fail(1, format!("cannot listen on {listen}: {e}")),
+        };
+        tracing::info!(listen = %vendor.addr, "vendor emulator ready");
+        shutdown_signal().await;
+        vendor.stop().await;
+        ExitCode::SUCCESS
+    })
+}
+
+fn demo(path: Option<PathBuf>, upstream_listen: String) -> ExitCode {
+    const DEMO_TOKEN: &str = "demo-token-not-secret";
+    let raw = match RawConfig::read(path.as_deref()) {
+        Ok(r) => r,
+        Err(e) => return fail(EXIT_CONFIG, e),
+    };
+    let upstream_url = format!("http://{upstream_listen}");
+    let config = match Config::from_raw(raw, |k| match k {
+        "TASKGATE_UPSTREAM_URL" => Some(upstream_url.clone()),
+        "TASKGATE_UPSTREAM_TOKEN" => Some(DEMO_TOKEN.to_owned()),
+        _ => std::env::var(k).ok(),
+    }) {
+        Ok(c) => c,
+        Err(e) => return fail(EXIT_CONFIG, e),
+    };
+    telemetry::init(config.log_format);
+    let rt = match runtime(config.worker_threads) {
+        Ok(rt) => rt,
+        Err(e) => return fail(1, e),
+    };
+    rt.block_on(async {
+        let opts = MockOptions {
+            token: Some(DEMO_TOKEN.to_owned()),
+            ..MockOptions::default()
+        };
+        let vendor = match MockVendor::bind(&upstream_listen, opts).await {
+            Ok(v) => v,
+            Err(e) => {
+                return fail(
+                    1,
+                    format!("emulator cannot listen on {upstream_listen}: {e}"),
+                );
+            }
+        };
+        let listen = config.listen;
+        eprintln!(
+            "\ntaskgate demo: vendor emulator on {}, gateway on {listen}. Try:\n\n\
+             curl -X PUT \"http://{listen}/agent-api/user/{}/task/{}\" \\\n  \
+             -H \"Content-Type: application/json\" \\\n  \
+             -d '{}'\n",
+            vendor.addr,
+            mock_vendor::EXAMPLE_USER,
+            mock_vendor::EXAMPLE_TASK,
+            mock_vendor::EXAMPLE_BODY,
+        );
+        let result = app::run(config, shutdown_signal()).await;
+        vendor.stop().await;
+        match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(1, e),
+        }
+    })
+}
+
+/// SIGTERM or SIGINT (Ctrl-C).
+pub fn shutdown_signal() -> impl Future<Output = ()> {
+    async {
+        let ctrl_c = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        #[cfg(unix)]
+        {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut term) => {
+                    tokio::select! {
+                        _ = ctrl_c => {},
+                        _ = term.recv() => {},
+                    }
+                }
+                Err(_) => ctrl_c.await,
+            }
+        }
+        #[cfg(not(unix))]
+        ctrl_c.await;
+    }
+}

@@ -1,0 +1,758 @@
+//! Configuration: the TOML file and `TASKGATE_*` overrides, checked once at
+//! start-up into typed fields. Every error names the key it is about.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::uri::{Authority, Scheme};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::ids::parse_canonical_uuid;
+use crate::upstream::Token;
+
+/// Start-up errors: a bad config never gets as far as serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid value for `{key}`: {reason}")]
+    Invalid { key: &'static str, reason: String },
+    #[error(
+        "no upstream token: set TASKGATE_UPSTREAM_TOKEN, or upstream.token_file / TASKGATE_UPSTREAM_TOKEN_FILE"
+    )]
+    MissingToken,
+    #[error("upstream token file {path}: {reason}")]
+    TokenFile { path: PathBuf, reason: String },
+}
+
+fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        reason: reason.into(),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The file as written. `deny_unknown_fields` makes a typo a start-up error
+// instead of a silent fall-back to the default.
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConfig {
+    pub listen: String,
+    pub admin_listen: String,
+    pub shutdown_grace_ms: u64,
+    pub upstream: RawUpstream,
+    pub limits: RawLimits,
+    pub validation: RawValidation,
+    pub rate_limit: RawRateLimit,
+    pub residue: RawResidue,
+    pub audit: RawAudit,
+    pub log: RawLog,
+    pub runtime: RawRuntime,
+}
+
+impl Default for RawConfig {
+    fn default() -> Self {
+        RawConfig {
+            listen: "127.0.0.1:8080".into(),
+            admin_listen: "127.0.0.1:9901".into(),
+            shutdown_grace_ms: 10_000,
+            upstream: RawUpstream::default(),
+            limits: RawLimits::default(),
+            validation: RawValidation::default(),
+            rate_limit: RawRateLimit::default(),
+            residue: RawResidue::default(),
+            audit: RawAudit::default(),
+            log: RawLog::default(),
+            runtime: RawRuntime::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawUpstream {
+    pub url: String,
+    pub token_file: Option<PathBuf>,
+    pub extra_ca_file: Option<PathBuf>,
+    pub connect_timeout_ms: u64,
+    pub timeout_ms: u64,
+    pub retries: u32,
+}
+
+impl Default for RawUpstream {
+    fn default() -> Self {
+        RawUpstream {
+            url: "https://ai.api.longlonglong.cn".into(),
+            token_file: None,
+            extra_ca_file: None,
+            connect_timeout_ms: 2_000,
+            timeout_ms: 10_000,
+            retries: 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLimits {
+    pub max_body_bytes: u64,
+    pub max_connections: u64,
+    pub max_inflight: u64,
+    pub header_read_timeout_ms: u64,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        RawLimits {
+            max_body_bytes: 65_536,
+            max_connections: 4_096,
+            max_inflight: 1_024,
+            header_read_timeout_ms: 5_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawValidation {
+    pub allow_unknown_fields: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRateLimit {
+    pub per_second: u32,
+    pub burst: u32,
+    pub key: String,
+    pub global_per_second: u32,
+    pub overrides: HashMap<String, RawQuota>,
+}
+
+impl Default for RawRateLimit {
+    fn default() -> Self {
+        RawRateLimit {
+            per_second: 5,
+            burst: 10,
+            key: "user".into(),
+            global_per_second: 0,
+            overrides: HashMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawQuota {
+    pub per_second: u32,
+    pub burst: u32,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawResidue {
+    pub enabled: bool,
+    pub path: String,
+    pub cache_ttl_ms: u64,
+    pub on_unavailable: String,
+}
+
+impl Default for RawResidue {
+    fn default() -> Self {
+        RawResidue {
+            enabled: true,
+            path: "/agent-api/user/{user_id}/task/create".into(),
+            cache_ttl_ms: 5_000,
+            on_unavailable: "reject".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAudit {
+    pub path: PathBuf,
+    pub fsync: String,
+    pub max_bytes: u64,
+}
+
+impl Default for RawAudit {
+    fn default() -> Self {
+        RawAudit {
+            path: "./taskgate-audit.jsonl".into(),
+            fsync: "always".into(),
+            max_bytes: 104_857_600,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLog {
+    pub format: String,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        RawLog {
+            format: "json".into(),
+        }
+    }
+}
+
+/// Not in DESIGN.md's list: the tokio worker count, chosen by measurement
+/// (see bench/). 0 means one worker per core.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRuntime {
+    pub worker_threads: usize,
+}
+
+// ---------------------------------------------------------------------------
+// The validated config the rest of the program reads.
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub shutdown_grace: Duration,
+    pub upstream: UpstreamConfig,
+    pub limits: Limits,
+    pub validation: ValidationConfig,
+    pub rate_limit: RateLimitConfig,
+    pub residue: ResidueConfig,
+    pub audit: AuditSettings,
+    pub log_format: LogFormat,
+    pub worker_threads: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub scheme: Scheme,
+    pub authority: Authority,
+    /// Path prefix of the base URL without a trailing slash ("" for none).
+    pub base_path: String,
+    pub token: TokenSetting,
+    pub extra_ca_file: Option<PathBuf>,
+    pub connect_timeout: Duration,
+    pub timeout: Duration,
+    pub retries: u32,
+}
+
+/// Where the bearer token comes from. The environment wins over the file.
+#[derive(Clone)]
+pub enum TokenSetting {
+    Env(Token),
+    File { path: PathBuf, initial: Token },
+}
+
+impl TokenSetting {
+    pub fn current(&self) -> &Token {
+        match self {
+            TokenSetting::Env(t) => t,
+            TokenSetting::File { initial, .. } => initial,
+        }
+    }
+}
+
+impl fmt::Debug for TokenSetting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TokenSetting::Env(t) => write!(f, "env TASKGATE_UPSTREAM_TOKEN ({t})"),
+            TokenSetting::File { path, initial } => {
+                write!(f, "file {} ({initial})", path.display())
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_body_bytes: usize,
+    pub max_connections: usize,
+    pub max_inflight: usize,
+    pub header_read_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct ValidationConfig {
+    pub allow_unknown_fields: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    pub per_second: NonZeroU32,
+    pub burst: NonZeroU32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateKeyKind {
+    User,
+    UserAndSubUser,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RateLimitConfig {
+    pub default: Quota,
+    pub key: RateKeyKind,
+    /// Cap on the sum of requests sent to the vendor; its burst equals the rate.
+    pub global_per_second: Option<NonZeroU32>,
+    pub overrides: HashMap<Uuid, Quota>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnUnavailable {
+    Reject,
+    Allow,
+}
+
+#[derive(Debug, Clone)]
+pub struct ResidueConfig {
+    pub enabled: bool,
+    /// Path template holding `{user_id}`.
+    pub path: String,
+    pub cache_ttl: Duration,
+    pub on_unavailable: OnUnavailable,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsyncMode {
+    Always,
+    Interval,
+    Never,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuditSettings {
+    pub path: PathBuf,
+    pub fsync: FsyncMode,
+    pub max_bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+/// The environment variables that override the file.
+pub const ENV_KEYS: [&str; 6] = [
+    "TASKGATE_LISTEN",
+    "TASKGATE_ADMIN_LISTEN",
+    "TASKGATE_UPSTREAM_URL",
+    "TASKGATE_UPSTREAM_TOKEN",
+    "TASKGATE_UPSTREAM_TOKEN_FILE",
+    "TASKGATE_AUDIT_PATH",
+];
+
+impl Config {
+    /// Reads the file (if any), applies the process environment and validates.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let raw = RawConfig::read(path)?;
+        Config::from_raw(raw, |k| std::env::var(k).ok())
+    }
+
+    /// Applies environment overrides (`env` is a lookup so tests need not touch
+    /// the process environment) and validates every key.
+    pub fn from_raw(
+        mut raw: RawConfig,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        if let Some(v) = env("TASKGATE_LISTEN") {
+            raw.listen = v;
+        }
+        if let Some(v) = env("TASKGATE_ADMIN_LISTEN") {
+            raw.admin_listen = v;
+        }
+        if let Some(v) = env("TASKGATE_UPSTREAM_URL") {
+            raw.upstream.url = v;
+        }
+        if let Some(v) = env("TASKGATE_UPSTREAM_TOKEN_FILE") {
+            raw.upstream.token_file = Some(v.into());
+        }
+        if let Some(v) = env("TASKGATE_AUDIT_PATH") {
+            raw.audit.path = v.into();
+        }
+        let env_token = env("TASKGATE_UPSTREAM_TOKEN");
+
+        let listen = parse_addr("listen", &raw.listen)?;
+        let admin_listen = parse_addr("admin_listen", &raw.admin_listen)?;
+        if admin_listen == listen && listen.port() != 0 {
+            return Err(invalid("admin_listen", "must differ from `listen`"));
+        }
+
+        let upstream = upstream_config(&raw.upstream, env_token)?;
+        let limits = Limits {
+            max_body_bytes: positive_usize("limits.max_body_bytes", raw.limits.max_body_bytes)?,
+            max_connections: positive_usize("limits.max_connections", raw.limits.max_connections)?,
+            max_inflight: positive_usize("limits.max_inflight", raw.limits.max_inflight)?,
+            header_read_timeout: millis(
+                "limits.header_read_timeout_ms",
+                raw.limits.header_read_timeout_ms,
+            )?,
+        };
+        let rate_limit = rate_limit_config(&raw.rate_limit)?;
+        let residue = residue_config(&raw.residue)?;
+        let audit = AuditSettings {
+            path: if raw.audit.path.as_os_str().is_empty() {
+                return Err(invalid("audit.path", "must not be empty"));
+            } else {
+                raw.audit.path.clone()
+            },
+            fsync: match raw.audit.fsync.as_str() {
+                "always" => FsyncMode::Always,
+                "interval" => FsyncMode::Interval,
+                "never" => FsyncMode::Never,
+                other => {
+                    return Err(invalid(
+                        "audit.fsync",
+                        format!("`{other}` is not one of \"always\", \"interval\", \"never\""),
+                    ));
+                }
+            },
+            max_bytes: if raw.audit.max_bytes < 4096 {
+                return Err(invalid("audit.max_bytes", "must be at least 4096"));
+            } else {
+                raw.audit.max_bytes
+            },
+        };
+        let log_format = match raw.log.format.as_str() {
+            "json" => LogFormat::Json,
+            "text" => LogFormat::Text,
+            other => {
+                return Err(invalid(
+                    "log.format",
+                    format!("`{other}` is not one of \"json\", \"text\""),
+                ));
+            }
+        };
+        if raw.runtime.worker_threads > 256 {
+            return Err(invalid("runtime.worker_threads", "must be at most 256"));
+        }
+        Ok(Config {
+            listen,
+            admin_listen,
+            shutdown_grace: Duration::from_millis(raw.shutdown_grace_ms),
+            upstream,
+            limits,
+            validation: ValidationConfig {
+                allow_unknown_fields: raw.validation.allow_unknown_fields,
+            },
+            rate_limit,
+            residue,
+            audit,
+            log_format,
+            worker_threads: raw.runtime.worker_threads,
+        })
+    }
+
+    /// The effective config as TOML, with the token shown only as its source.
+    pub fn to_redacted_toml(&self, raw: &RawConfig) -> String {
+        let mut shown = raw.clone();
+        shown.listen = self.listen.to_string();
+        shown.admin_listen = self.admin_listen.to_string();
+        shown.upstream.url = format!(
+            "{}://{}{}",
+            self.upstream.scheme, self.upstream.authority, self.upstream.base_path
+        );
+        if let TokenSetting::File { path, .. } = &self.upstream.token {
+            shown.upstream.token_file = Some(path.clone());
+        }
+        shown.audit.path = self.audit.path.clone();
+        let body =
+            toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"));
+        format!(
+            "# effective configuration (token: {})\n{body}",
+            match &self.upstream.token {
+                TokenSetting::Env(_) => "from TASKGATE_UPSTREAM_TOKEN, redacted",
+                TokenSetting::File { .. } => "from upstream.token_file, redacted",
+            }
+        )
+    }
+}
+
+impl RawConfig {
+    /// Reads the file; no file means all defaults.
+    pub fn read(path: Option<&Path>) -> Result<RawConfig, ConfigError> {
+        let Some(path) = path else {
+            return Ok(RawConfig::default());
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        RawConfig::parse(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<RawConfig, String> {
+        toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())
+    }
+}
+
+fn parse_addr(key: &'static str, v: &str) -> Result<SocketAddr, ConfigError> {
+    v.parse().map_err(|_| {
+        invalid(
+            key,
+            format!("`{v}` is not an address such as 127.0.0.1:8080"),
+        )
+    })
+}
+
+fn millis(key: &'static str, ms: u64) -> Result<Duration, ConfigError> {
+    if ms == 0 {
+        return Err(invalid(key, "must be greater than 0"));
+    }
+    Ok(Duration::from_millis(ms))
+}
+
+fn positive_usize(key: &'static str, v: u64) -> Result<usize, ConfigError> {
+    match usize::try_from(v) {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(invalid(key, "must be a positive integer")),
+    }
+}
+
+fn nonzero(key: &'static str, v: u32) -> Result<NonZeroU32, ConfigError> {
+    NonZeroU32::new(v).ok_or_else(|| invalid(key, "must be greater than 0"))
+}
+
+fn upstream_config(
+    raw: &RawUpstream,
+    env_token: Option<String>,
+) -> Result<UpstreamConfig, ConfigError> {
+    let uri: http::Uri = raw
+        .url
+        .parse()
+        .map_err(|e| invalid("upstream.url", format!("`{}`: {e}", raw.url)))?;
+    let scheme = match uri.scheme_str() {
+        Some("https") => Scheme::HTTPS,
+        // Plain HTTP only because the operator wrote it out.
+        Some("http") => Scheme::HTTP,
+        _ => {
+            return Err(invalid(
+                "upstream.url",
+                "must start with https:// (or http://)",
+            ));
+        }
+    };
+    let authority = uri
+        .authority()
+        .cloned()
+        .ok_or_else(|| invalid("upstream.url", "has no host"))?;
+    if authority.as_str().contains('@') {
+        return Err(invalid("upstream.url", "must not carry credentials"));
+    }
+    if uri.query().is_some() {
+        return Err(invalid("upstream.url", "must not have a query"));
+    }
+    let base_path = uri.path().trim_end_matches('/').to_owned();
+
+    let token = match env_token {
+        Some(t) => TokenSetting::Env(Token::new(&t).ok_or(ConfigError::MissingToken)?),
+        None => match &raw.token_file {
+            Some(path) => TokenSetting::File {
+                path: path.clone(),
+                initial: Token::read_file(path)?,
+            },
+            None => return Err(ConfigError::MissingToken),
+        },
+    };
+    if let Some(ca) = &raw.extra_ca_file {
+        if !ca.is_file() {
+            return Err(invalid(
+                "upstream.extra_ca_file",
+                format!("{} is not a readable file", ca.display()),
+            ));
+        }
+    }
+    Ok(UpstreamConfig {
+        scheme,
+        authority,
+        base_path,
+        token,
+        extra_ca_file: raw.extra_ca_file.clone(),
+        connect_timeout: millis("upstream.connect_timeout_ms", raw.connect_timeout_ms)?,
+        timeout: millis("upstream.timeout_ms", raw.timeout_ms)?,
+        retries: if raw.retries > 10 {
+            return Err(invalid("upstream.retries", "must be at most 10"));
+        } else {
+            raw.retries
+        },
+    })
+}
+
+fn rate_limit_config(raw: &RawRateLimit) -> Result<RateLimitConfig, ConfigError> {
+    let mut overrides = HashMap::new();
+    for (user, q) in &raw.overrides {
+        let id = parse_canonical_uuid(user).ok_or_else(|| {
+            invalid(
+                "rate_limit.overrides",
+                format!("`{user}` is not a canonical UUID"),
+            )
+        })?;
+        overrides.insert(
+            id,
+            Quota {
+                per_second: nonzero("rate_limit.overrides.per_second", q.per_second)?,
+                burst: nonzero("rate_limit.overrides.burst", q.burst)?,
+            },
+        );
+    }
+    Ok(RateLimitConfig {
+        default: Quota {
+            per_second: nonzero("rate_limit.per_second", raw.per_second)?,
+            burst: nonzero("rate_limit.burst", raw.burst)?,
+        },
+        key: match raw.key.as_str() {
+            "user" => RateKeyKind::User,
+            "user_and_sub_user" => RateKeyKind::UserAndSubUser,
+            other => {
+                return Err(invalid(
+                    "rate_limit.key",
+                    format!("`{other}` is not one of \"user\", \"user_and_sub_user\""),
+                ));
+            }
+        },
+        global_per_second: NonZeroU32::new(raw.global_per_second),
+        overrides,
+    })
+}
+
+fn residue_config(raw: &RawResidue) -> Result<ResidueConfig, ConfigError> {
+    if !raw.path.starts_with('/') || !raw.path.contains("{user_id}") {
+        return Err(invalid(
+            "residue.path",
+            "must start with `/` and contain `{user_id}`",
+        ));
+    }
+    let probe = raw.path.replace("{user_id}", "x");
+    if probe.parse::<http::uri::PathAndQuery>().is_err() || probe.contains(['?', '#', '{', '}']) {
+        return Err(invalid("residue.path", "is not a valid URL path"));
+    }
+    Ok(ResidueConfig {
+        enabled: raw.enabled,
+        path: raw.path.clone(),
+        cache_ttl: millis("residue.cache_ttl_ms", raw.cache_ttl_ms)?,
+        on_unavailable: match raw.on_unavailable.as_str() {
+            "reject" => OnUnavailable::Reject,
+            "allow" => OnUnavailable::Allow,
+            other => {
+                return Err(invalid(
+                    "residue.on_unavailable",
+                    format!("`{other}` is not one of \"reject\", \"allow\""),
+                ));
+            }
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env_with_token(k: &str) -> Option<String> {
+        (k == "TASKGATE_UPSTREAM_TOKEN").then(|| "s3cret-token".to_owned())
+    }
+
+    #[test]
+    fn defaults_match_design() {
+        let c = Config::from_raw(RawConfig::default(), env_with_token).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.admin_listen.to_string(), "127.0.0.1:9901");
+        assert_eq!(c.upstream.scheme, Scheme::HTTPS);
+        assert_eq!(c.upstream.authority.as_str(), "ai.api.longlonglong.cn");
+        assert_eq!(c.upstream.timeout, Duration::from_millis(10_000));
+        assert_eq!(c.upstream.connect_timeout, Duration::from_millis(2_000));
+        assert_eq!(c.upstream.retries, 1);
+        assert_eq!(c.limits.max_body_bytes, 65_536);
+        assert_eq!(c.rate_limit.default.per_second.get(), 5);
+        assert_eq!(c.rate_limit.default.burst.get(), 10);
+        assert_eq!(c.residue.cache_ttl, Duration::from_millis(5_000));
+        assert_eq!(c.residue.on_unavailable, OnUnavailable::Reject);
+        assert_eq!(c.audit.fsync, FsyncMode::Always);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = RawConfig::parse("[upstream]\ntimeout_msec = 5\n").unwrap_err();
+        assert!(err.contains("timeout_msec"), "{err}");
+        let err = RawConfig::parse("listn = \"x\"\n").unwrap_err();
+        assert!(err.contains("listn"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let raw = RawConfig::parse("[rate_limit]\nburst = 0\n").unwrap();
+        let err = Config::from_raw(raw, env_with_token)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("rate_limit.burst"), "{err}");
+        let raw = RawConfig::parse("[upstream]\nurl = \"ftp://x\"\n").unwrap();
+        let err = Config::from_raw(raw, env_with_token)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("upstream.url"), "{err}");
+        let raw = RawConfig::parse("[audit]\nfsync = \"sometimes\"\n").unwrap();
+        let err = Config::from_raw(raw, env_with_token)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("audit.fsync"), "{err}");
+    }
+
+    #[test]
+    fn missing_or_empty_token_fails() {
+        let err = Config::from_raw(RawConfig::default(), |_| None).unwrap_err();
+        assert!(matches!(err, ConfigError::MissingToken));
+        let err = Config::from_raw(RawConfig::default(), |k| {
+            (k == "TASKGATE_UPSTREAM_TOKEN").then(|| "  ".to_owned())
+        })
+        .unwrap_err();
+        assert!(matches!(err, ConfigError::MissingToken));
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        let raw = RawConfig::parse("listen = \"127.0.0.1:1\"\n").unwrap();
+        let c = Config::from_raw(raw, |k| match k {
+            "TASKGATE_LISTEN" => Some("127.0.0.1:2".into()),
+            "TASKGATE_UPSTREAM_URL" => Some("http://127.0.0.1:3/base/".into()),
+            "TASKGATE_UPSTREAM_TOKEN" => Some("t".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(c.listen.port(), 2);
+        assert_eq!(c.upstream.scheme, Scheme::HTTP);
+        assert_eq!(c.upstream.base_path, "/base");
+    }
+
+    #[test]
+    fn redacted_output_never_holds_the_token() {
+        let raw = RawConfig::default();
+        let c = Config::from_raw(raw.clone(), env_with_token).unwrap();
+        let shown = c.to_redacted_toml(&raw);
+        assert!(!shown.contains("s3cret-token"));
+        assert!(!format!("{c:?}").contains("s3cret-token"));
+        assert!(shown.contains("listen"));
+    }
+
+    #[test]
+    fn shipped_example_config_parses() {
+        let text = include_str!("../config/taskgate.toml");
+        let raw = RawConfig::parse(text).unwrap();
+        Config::from_raw(raw, env_with_token).unwrap();
+    }
+}

@@ -1,0 +1,441 @@
+//! The vendor emulator behind `taskgate mock-upstream`, `taskgate demo` and
+//! the tests: the task-update PUT and the task-initialisation GET with
+//! per-user caller lines, plus knobs for tests (record every request, delay,
+//! fail, reset, canned answers, residue consumption).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
+
+use crate::ids::parse_canonical_uuid;
+
+/// The vendor page's example account and caller line.
+pub const EXAMPLE_USER: &str = "5832d184-dd53-42a0-8ace-0bf8d660f4cc";
+pub const EXAMPLE_TASK: &str = "f232d184-dd54-42a0-8ace-0bf8d660f4cc";
+pub const EXAMPLE_LINE: &str = "f352fd9d-b86b-49eb-942c-3ae2f69fa3b0";
+/// The vendor page's example body, byte for byte.
+pub const EXAMPLE_BODY: &str = r#"{"name": "API任务创建测试", "destination_extension": 3, "dial_time_id": 1, "maximumcall": 3, "caller_line_id": "f352fd9d-b86b-49eb-942c-3ae2f69fa3b0", "remark": "API-test", "end_action": 1}"#;
+/// The vendor's success answer to a task update.
+pub const SUCCESS_BODY: &str = r#"{"code":200,"status":"success","message":"修改成功","data":""}"#;
+
+/// One caller line as the task-initialisation endpoint lists it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Line {
+    pub name: String,
+    pub value: String,
+    pub residue: i64,
+    pub call_line: i64,
+}
+
+/// Caller lines per `user_id` or `user_id/sub_user_id`; `*` answers for any
+/// account not listed.
+pub type LineBook = HashMap<String, Vec<Line>>;
+
+/// The built-in sample: the example user (and any other) has the example line
+/// with residue 5 and a second line with residue 1.
+pub fn sample_lines() -> LineBook {
+    let lines = vec![
+        Line {
+            name: "line one".into(),
+            value: EXAMPLE_LINE.into(),
+            residue: 5,
+            call_line: 10,
+        },
+        Line {
+            name: "line two".into(),
+            value: "37d73edf-4628-4cf1-8beb-758433fd0aab".into(),
+            residue: 1,
+            call_line: 1,
+        },
+    ];
+    HashMap::from([
+        (EXAMPLE_USER.to_owned(), lines.clone()),
+        ("*".to_owned(), lines),
+    ])
+}
+
+/// Reads a line book from a JSON file shaped like [`LineBook`].
+pub fn read_lines(path: &Path) -> Result<LineBook, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// How an endpoint misbehaves, for tests.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Fault {
+    /// Answer normally.
+    None,
+    /// Answer this status with a vendor error envelope.
+    Status(u16),
+    /// Answer this status and body verbatim (JSON content type).
+    Canned(u16, String),
+    /// Close the connection without an answer.
+    Reset,
+}
+
+/// A request as the emulator received it.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: Method,
+    /// Path and query exactly as received.
+    pub target: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+#[derive(Debug, Clone)]
+pub struct MockOptions {
+    /// When set, requests without `Authorization: Bearer <token>` get 401.
+    pub token: Option<String>,
+    pub lines: LineBook,
+    /// A successful update lowers its line's residue by its `maximumcall`,
+    /// and an update above the residue is refused, as the vendor would.
+    pub consume: bool,
+}
+
+impl Default for MockOptions {
+    fn default() -> Self {
+        MockOptions {
+            token: None,
+            lines: sample_lines(),
+            consume: false,
+        }
+    }
+}
+
+struct Shared {
+    opts: MockOptions,
+    lines: Mutex<LineBook>,
+    recorded: Mutex<Vec<Recorded>>,
+    arrived: Notify,
+    delay: Mutex<Duration>,
+    update_fault: Mutex<Fault>,
+    init_fault: Mutex<Fault>,
+}
+
+/// A running emulator. Knobs apply to requests that arrive after they are set.
+pub struct MockVendor {
+    pub addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panicking test thread must not take the emulator down with it.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl MockVendor {
+    pub async fn start(listener: TcpListener, opts: MockOptions) -> std::io::Result<MockVendor> {
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            lines: Mutex::new(opts.lines.clone()),
+            opts,
+            recorded: Mutex::new(Vec::new()),
+            arrived: Notify::new(),
+            delay: Mutex::new(Duration::ZERO),
+            update_fault: Mutex::new(Fault::None),
+            init_fault: Mutex::new(Fault::None),
+        });
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(accept_loop(listener, shared.clone(), stopped));
+        Ok(MockVendor {
+            addr,
+            shared,
+            stop,
+            task,
+        })
+    }
+
+    /// Binds `addr` (use port 0 for tests) and starts.
+    pub async fn bind(addr: &str, opts: MockOptions) -> std::io::Result<MockVendor> {
+        MockVendor::start(TcpListener::bind(addr).await?, opts).await
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        lock(&self.shared.recorded).clone()
+    }
+
+    /// Task-update PUTs received so far.
+    pub fn updates(&self) -> Vec<Recorded> {
+        self.requests()
+            .into_iter()
+            .filter(|r| r.method == Method::PUT)
+            .collect()
+    }
+
+    /// Task-initialisation GETs received so far.
+    pub fn inits(&self) -> Vec<Recorded> {
+        self.requests()
+            .into_iter()
+            .filter(|r| r.method == Method::GET)
+            .collect()
+    }
+
+    /// Waits until at least `n` requests have arrived (event-driven, no polling).
+    pub async fn wait_for_requests(&self, n: usize) {
+        loop {
+            let notified = self.shared.arrived.notified();
+            if lock(&self.shared.recorded).len() >= n {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    pub fn set_delay(&self, d: Duration) {
+        *lock(&self.shared.delay) = d;
+    }
+
+    pub fn set_update_fault(&self, f: Fault) {
+        *lock(&self.shared.update_fault) = f;
+    }
+
+    pub fn set_init_fault(&self, f: Fault) {
+        *lock(&self.shared.init_fault) = f;
+    }
+
+    pub fn set_lines(&self, key: &str, lines: Vec<Line>) {
+        lock(&self.shared.lines).insert(key.to_owned(), lines);
+    }
+
+    pub fn lines(&self, key: &str) -> Option<Vec<Line>> {
+        lock(&self.shared.lines).get(key).cloned()
+    }
+
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        let (stream, _) = tokio::select! {
+            () = crate::server::fired(&mut stop) => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(_) => continue,
+            },
+        };
+        let shared = shared.clone();
+        let service = service_fn(move |req| {
+            let shared = shared.clone();
+            async move { answer(&shared, req).await }
+        });
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        conns.spawn(async move {
+            let _ = conn.await;
+        });
+    }
+    // Stopping means gone: open connections are cut, as a crashed vendor would.
+    conns.abort_all();
+}
+
+/// `Err` makes hyper drop the connection without answering (Fault::Reset).
+#[derive(Debug)]
+struct ResetConnection;
+impl std::fmt::Display for ResetConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("reset by the emulator")
+    }
+}
+impl std::error::Error for ResetConnection {}
+
+async fn answer(
+    shared: &Shared,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, ResetConnection> {
+    let (parts, body) = req.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let target = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_default();
+    {
+        lock(&shared.recorded).push(Recorded {
+            method: parts.method.clone(),
+            target: target.clone(),
+            headers: parts.headers.clone(),
+            body: body.clone(),
+        });
+    }
+    shared.arrived.notify_waiters();
+
+    let delay = *lock(&shared.delay);
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    if let Some(want) = &shared.opts.token {
+        let ok = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .is_some_and(|v| v.as_bytes() == format!("Bearer {want}").as_bytes());
+        if !ok {
+            return Ok(envelope(
+                StatusCode::UNAUTHORIZED,
+                "error",
+                "unauthorized",
+                "",
+            ));
+        }
+    }
+
+    let path = parts.uri.path();
+    let segs: Vec<&str> = path.split('/').collect();
+    match (&parts.method, segs.as_slice()) {
+        (&Method::PUT, ["", "agent-api", "user", user, "task", task])
+            if parse_canonical_uuid(user).is_some() && parse_canonical_uuid(task).is_some() =>
+        {
+            let fault = lock(&shared.update_fault).clone();
+            if let Some(resp) = faulty(fault)? {
+                return Ok(resp);
+            }
+            Ok(update(shared, user, &body))
+        }
+        (&Method::GET, ["", "agent-api", "user", user, "task", "create"])
+            if parse_canonical_uuid(user).is_some() =>
+        {
+            let fault = lock(&shared.init_fault).clone();
+            if let Some(resp) = faulty(fault)? {
+                return Ok(resp);
+            }
+            let sub = parts.uri.query().and_then(|q| {
+                q.split('&')
+                    .find_map(|kv| kv.strip_prefix("sub_user_id="))
+                    .map(str::to_owned)
+            });
+            Ok(init(shared, user, sub.as_deref()))
+        }
+        _ => Ok(envelope(StatusCode::NOT_FOUND, "error", "not found", "")),
+    }
+}
+
+fn faulty(fault: Fault) -> Result<Option<Response<Full<Bytes>>>, ResetConnection> {
+    match fault {
+        Fault::None => Ok(None),
+        Fault::Status(code) => {
+            let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            Ok(Some(envelope(status, "error", "emulated failure", "")))
+        }
+        Fault::Canned(code, body) => {
+            let mut resp = Response::new(Full::new(Bytes::from(body)));
+            *resp.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::OK);
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            Ok(Some(resp))
+        }
+        Fault::Reset => Err(ResetConnection),
+    }
+}
+
+fn line_key(user: &str, sub: Option<&str>) -> String {
+    match sub {
+        Some(s) => format!("{}/{}", user.to_ascii_lowercase(), s.to_ascii_lowercase()),
+        None => user.to_ascii_lowercase(),
+    }
+}
+
+fn update(shared: &Shared, user: &str, body: &[u8]) -> Response<Full<Bytes>> {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return envelope(StatusCode::BAD_REQUEST, "error", "invalid json", "");
+    };
+    if shared.opts.consume {
+        let sub = v.get("sub_user_id").and_then(|s| s.as_str());
+        let line_id = v
+            .get("caller_line_id")
+            .and_then(|s| s.as_str())
+            .unwrap_or_default();
+        let want = v.get("maximumcall").and_then(|m| m.as_i64()).unwrap_or(0);
+        let key = line_key(user, sub);
+        let mut book = lock(&shared.lines);
+        if !book.contains_key(&key) {
+            if let Some(default) = book.get("*").cloned() {
+                book.insert(key.clone(), default);
+            }
+        }
+        let line = book.get_mut(&key).and_then(|lines| {
+            lines
+                .iter_mut()
+                .find(|l| l.value.eq_ignore_ascii_case(line_id))
+        });
+        match line {
+            Some(l) if l.residue >= want => l.residue -= want,
+            Some(_) => {
+                return envelope(
+                    StatusCode::BAD_REQUEST,
+                    "error",
+                    "maximumcall exceeds residue",
+                    "",
+                );
+            }
+            None => return envelope(StatusCode::BAD_REQUEST, "error", "unknown caller line", ""),
+        }
+    }
+    let mut resp = Response::new(Full::new(Bytes::from_static(SUCCESS_BODY.as_bytes())));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+fn init(shared: &Shared, user: &str, sub: Option<&str>) -> Response<Full<Bytes>> {
+    let book = lock(&shared.lines);
+    let lines = book
+        .get(&line_key(user, sub))
+        .or_else(|| book.get("*"))
+        .cloned()
+        .unwrap_or_default();
+    let body = serde_json::json!({
+        "code": 200, "status": "success", "message": "success",
+        "data": {"caller_line_list": lines},
+    });
+    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+fn envelope(status: StatusCode, kind: &str, message: &str, data: &str) -> Response<Full<Bytes>> {
+    let body = serde_json::json!({"code": status.as_u16(), "status": kind, "message": message, "data": data});
+    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}

@@ -1,0 +1,116 @@
+//! Listeners: the accept loop, the connection cap, the header read timeout,
+//! HTTP/1.1 and h2c on one port, and the graceful drain at shutdown.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+
+/// Per-listener protection against slow or greedy clients.
+#[derive(Debug, Clone)]
+pub struct ServeLimits {
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+    /// How long in-flight requests may take to finish once shutdown starts.
+    pub grace: Duration,
+}
+
+/// A signal that flips to `true` once, when the process should stop accepting.
+pub type Shutdown = watch::Receiver<bool>;
+
+/// Completes once shutdown has been signalled (or its sender is gone).
+pub async fn fired(shutdown: &mut Shutdown) {
+    // The guard `wait_for` returns is not `Send`; drop it here.
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+/// Serves `handler` on `listener` until `shutdown` fires, then lets open
+/// connections finish their current request within `limits.grace`.
+pub async fn serve<H, F>(
+    listener: TcpListener,
+    limits: ServeLimits,
+    mut shutdown: Shutdown,
+    handler: H,
+) where
+    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_headers(128)
+        .max_buf_size(64 * 1024);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(256);
+    let graceful = GracefulShutdown::new();
+    // Past the cap we stop accepting; the kernel backlog holds the rest.
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+
+    loop {
+        let permit = tokio::select! {
+            biased;
+            () = fired(&mut shutdown) => break,
+            permit = slots.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let (stream, peer) = tokio::select! {
+            biased;
+            () = fired(&mut shutdown) => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    tracing::warn!(cause = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let handler = handler.clone();
+        let service = service_fn(move |req| {
+            let handler = handler.clone();
+            async move { Ok::<_, Infallible>(handler(req, peer).await) }
+        });
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            // Connection errors (client went away, bad framing) are the
+            // client's business; hyper has already answered what it could.
+            if let Err(e) = conn.await {
+                tracing::debug!(cause = %e, client = %peer, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(limits.grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            grace_ms = limits.grace.as_millis() as u64,
+            "grace period over; closing remaining connections"
+        );
+    }
+}
