@@ -1,7 +1,6 @@
 //! The command line: `serve`, `check`, `mock-upstream`, `demo`. Each
 //! subcommand loads what it needs, runs, and returns the process exit code.
 
-use std::future::Future;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -211,24 +210,17 @@ fn demo(path: Option<PathBuf>, upstream_listen: String) -> ExitCode {
 }
 
 /// SIGTERM or SIGINT (Ctrl-C).
-pub fn shutdown_signal() -> impl Future<Output = ()> {
-    async {
-        let ctrl_c = async {
-            let _ = tokio::signal::ctrl_c().await;
-        };
-        #[cfg(unix)]
-        {
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(mut term) => {
-                    tokio::select! {
-                        _ = ctrl_c => {},
-                        _ = term.recv() => {},
-                    }
-                }
-                Err(_) => ctrl_c.await,
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = ctrl_c => {},
+                _ = term.recv() => {},
             }
         }
-        #[cfg(not(unix))]
-        ctrl_c.await;
+        Err(_) => ctrl_c.await,
     }
 }

@@ -571,13 +571,13 @@ fn upstream_config(
             None => return Err(ConfigError::MissingToken),
         },
     };
-    if let Some(ca) = &raw.extra_ca_file {
-        if !ca.is_file() {
-            return Err(invalid(
-                "upstream.extra_ca_file",
-                format!("{} is not a readable file", ca.display()),
-            ));
-        }
+    if let Some(ca) = &raw.extra_ca_file
+        && !ca.is_file()
+    {
+        return Err(invalid(
+            "upstream.extra_ca_file",
+            format!("{} is not a readable file", ca.display()),
+        ));
     }
     Ok(UpstreamConfig {
         scheme,

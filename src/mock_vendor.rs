@@ -91,6 +91,7 @@ pub enum Fault {
 #[derive(Debug, Clone)]
 pub struct Recorded {
     pub method: Method,
+    pub version: http::Version,
     /// Path and query exactly as received.
     pub target: String,
     pub headers: HeaderMap,
@@ -142,6 +143,23 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl MockVendor {
     pub async fn start(listener: TcpListener, opts: MockOptions) -> std::io::Result<MockVendor> {
+        MockVendor::start_with(listener, opts, None).await
+    }
+
+    /// Serves HTTPS with `tls` (HTTP/2 too when its ALPN list offers `h2`).
+    pub async fn start_tls(
+        listener: TcpListener,
+        opts: MockOptions,
+        tls: Arc<rustls::ServerConfig>,
+    ) -> std::io::Result<MockVendor> {
+        MockVendor::start_with(listener, opts, Some(tokio_rustls::TlsAcceptor::from(tls))).await
+    }
+
+    async fn start_with(
+        listener: TcpListener,
+        opts: MockOptions,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> std::io::Result<MockVendor> {
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             lines: Mutex::new(opts.lines.clone()),
@@ -153,7 +171,7 @@ impl MockVendor {
             init_fault: Mutex::new(Fault::None),
         });
         let (stop, stopped) = watch::channel(false);
-        let task = tokio::spawn(accept_loop(listener, shared.clone(), stopped));
+        let task = tokio::spawn(accept_loop(listener, shared.clone(), stopped, tls));
         Ok(MockVendor {
             addr,
             shared,
@@ -228,7 +246,12 @@ impl MockVendor {
     }
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
     let builder = auto::Builder::new(TokioExecutor::new());
     let mut conns = tokio::task::JoinSet::new();
     loop {
@@ -244,11 +267,25 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch
             let shared = shared.clone();
             async move { answer(&shared, req).await }
         });
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
+        let builder = builder.clone();
+        let tls = tls.clone();
         conns.spawn(async move {
-            let _ = conn.await;
+            match tls {
+                None => {
+                    let _ = builder
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                }
+                // A failed handshake (e.g. the client does not trust our CA)
+                // never reaches the recorder: nothing was sent.
+                Some(acceptor) => {
+                    if let Ok(tls_stream) = acceptor.accept(stream).await {
+                        let _ = builder
+                            .serve_connection(TokioIo::new(tls_stream), service)
+                            .await;
+                    }
+                }
+            }
         });
     }
     // Stopping means gone: open connections are cut, as a crashed vendor would.
@@ -283,6 +320,7 @@ async fn answer(
     {
         lock(&shared.recorded).push(Recorded {
             method: parts.method.clone(),
+            version: parts.version,
             target: target.clone(),
             headers: parts.headers.clone(),
             body: body.clone(),
@@ -379,10 +417,10 @@ fn update(shared: &Shared, user: &str, body: &[u8]) -> Response<Full<Bytes>> {
         let want = v.get("maximumcall").and_then(|m| m.as_i64()).unwrap_or(0);
         let key = line_key(user, sub);
         let mut book = lock(&shared.lines);
-        if !book.contains_key(&key) {
-            if let Some(default) = book.get("*").cloned() {
-                book.insert(key.clone(), default);
-            }
+        if !book.contains_key(&key)
+            && let Some(default) = book.get("*").cloned()
+        {
+            book.insert(key.clone(), default);
         }
         let line = book.get_mut(&key).and_then(|lines| {
             lines
