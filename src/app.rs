@@ -5,6 +5,7 @@ use std::future::Future;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
@@ -16,7 +17,10 @@ use tokio::task::JoinHandle;
 
 use crate::access_log::{AccessLog, AccessLogTask};
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::pipeline;
+use crate::pipeline::rate_limit::{LocalLimiter, RateLimiter};
+use crate::pipeline::residue::ResidueGate;
 use crate::server::{self, ServeLimits};
 use crate::upstream::{self, TlsSetupError, TokenSource, UpstreamClient};
 
@@ -26,6 +30,11 @@ pub struct State {
     pub token: TokenSource,
     pub client: UpstreamClient,
     pub access_log: AccessLog,
+    pub metrics: Metrics,
+    pub residue: ResidueGate,
+    pub limiter: Arc<dyn RateLimiter>,
+    /// Requests being handled, against `limits.max_inflight`.
+    pub inflight: AtomicUsize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +81,8 @@ impl Gateway {
         })?;
 
         let (access_log, access_task) = AccessLog::start(access_out);
+        let local_limiter = Arc::new(LocalLimiter::new(&config.rate_limit));
+        let limiter: Arc<dyn RateLimiter> = local_limiter.clone();
         let limits = ServeLimits {
             max_connections: config.limits.max_connections,
             header_read_timeout: config.limits.header_read_timeout,
@@ -82,6 +93,10 @@ impl Gateway {
             config,
             client,
             access_log,
+            metrics: Metrics::default(),
+            residue: ResidueGate::default(),
+            limiter: limiter.clone(),
+            inflight: AtomicUsize::new(0),
         });
         let (stop, stopped) = watch::channel(false);
 
@@ -101,11 +116,22 @@ impl Gateway {
                 let state = admin_state.clone();
                 async move { admin_handle(&state, req) }
             }));
+        // Evicts fully refilled rate-limit buckets so the table stays small.
+        let mut sweep_stop = stop.subscribe();
+        let sweeper = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    () = server::fired(&mut sweep_stop) => break,
+                    _ = tick.tick() => local_limiter.sweep(),
+                }
+            }
+        });
         Ok(Gateway {
             listen,
             admin_listen,
             stop,
-            servers: vec![data_server, admin_server],
+            servers: vec![data_server, admin_server, sweeper],
             access_log: access_task,
         })
     }
@@ -144,6 +170,16 @@ async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, StartE
 fn admin_handle(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let (status, body) = match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => (StatusCode::OK, r#"{"status":"ok"}"#.to_owned()),
+        (&Method::GET, "/metrics") => {
+            let mut resp = Response::new(Full::new(Bytes::from(state.metrics.encode())));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                http::HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            return resp;
+        }
         (&Method::GET, "/readyz") => {
             // A token is always loaded once started (start-up fails without one).
             let _ = &state.token;

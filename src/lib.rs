@@ -10,6 +10,7 @@
 //! - [`pipeline`]: one PUT, stage by stage, in the order of DESIGN.md.
 //! - [`upstream`]: the pooled HTTPS client and the bearer-token source.
 //! - [`error`]: the request error enum and its single mapping to the response envelope.
+//! - [`metrics`]: the Prometheus registry behind `/metrics`.
 //! - [`access_log`]: one JSON line per request on stdout, written off the request path.
 //! - [`mock_vendor`]: the vendor emulator behind `mock-upstream`, `demo` and the tests.
 #![forbid(unsafe_code)]
@@ -20,6 +21,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod ids;
+pub mod metrics;
 pub mod mock_vendor;
 pub mod pipeline;
 pub mod router;

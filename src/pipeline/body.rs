@@ -1,10 +1,13 @@
 //! Body stage: media type, size limit, one JSON object. Runs before anything
 //! looks at the content, so later stages only ever see a parsed object.
 
+use std::fmt;
+
 use bytes::Bytes;
 use http::{HeaderMap, header};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
+use serde::de::{self, Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::{Map, Value};
 
 use crate::error::Error;
@@ -49,17 +52,47 @@ pub async fn read(headers: &HeaderMap, body: Incoming, max: usize) -> Result<Jso
     Ok(JsonBody { bytes, object })
 }
 
-/// Exactly one JSON object (surrounding whitespace allowed). serde_json's
-/// recursion limit keeps deeply nested input from exhausting the stack.
+/// Exactly one JSON object (surrounding whitespace allowed) with no repeated
+/// top-level key: we forward the caller's bytes, so `{"maximumcall":1,
+/// "maximumcall":900}` would have us check one value while the vendor might
+/// act on the other. serde_json's recursion limit (128) keeps deeply nested
+/// input from exhausting the stack.
 pub fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, Error> {
-    match serde_json::from_slice::<Value>(bytes) {
-        Ok(Value::Object(map)) => Ok(map),
-        Ok(_) => Err(Error::InvalidJson {
-            detail: "the body must be a JSON object".into(),
-        }),
-        Err(e) => Err(Error::InvalidJson {
+    serde_json::from_slice::<UniqueKeyObject>(bytes)
+        .map(|object| object.0)
+        .map_err(|e| Error::InvalidJson {
             detail: e.to_string(),
-        }),
+        })
+}
+
+/// A top-level JSON object whose keys are pairwise distinct (after unescaping).
+struct UniqueKeyObject(Map<String, Value>);
+
+impl<'de> Deserialize<'de> for UniqueKeyObject {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(UniqueKeyVisitor)
+    }
+}
+
+struct UniqueKeyVisitor;
+
+impl<'de> Visitor<'de> for UniqueKeyVisitor {
+    type Value = UniqueKeyObject;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object without duplicate keys")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Self::Value, A::Error> {
+        let mut map = Map::new();
+        while let Some(key) = access.next_key::<String>()? {
+            if map.contains_key(&key) {
+                return Err(de::Error::custom("duplicate key"));
+            }
+            let value: Value = access.next_value()?;
+            map.insert(key, value);
+        }
+        Ok(UniqueKeyObject(map))
     }
 }
 
@@ -102,7 +135,32 @@ mod tests {
     }
 
     #[test]
+    fn duplicate_keys_are_refused_even_when_escaped() {
+        assert!(parse_object(br#"{"maximumcall":1,"maximumcall":900}"#).is_err());
+        assert!(parse_object(br#"{"maximumcall":1,"maximumcal\u006c":900}"#).is_err());
+        assert!(
+            parse_object(br#"{"x":{"a":1,"a":2}}"#).is_ok(),
+            "nested objects are not the contract's concern"
+        );
+        for bad in [
+            &b"\xef\xbb\xbf{}"[..],
+            b"{\"a\":\"\xff\"}",
+            b"{\"a\":\"\\ud800\"}",
+            b"{\"a\":NaN}",
+            b"{}x",
+        ] {
+            assert!(
+                parse_object(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
     fn deep_nesting_is_an_error_not_a_crash() {
+        let objects = "{\"a\":".repeat(100_000);
+        assert!(parse_object(objects.as_bytes()).is_err());
         let deep = "[".repeat(100_000);
         let body = format!("{{\"a\":{deep}");
         assert!(parse_object(body.as_bytes()).is_err());

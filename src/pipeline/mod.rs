@@ -4,8 +4,12 @@
 
 pub mod body;
 pub mod forward;
+pub mod rate_limit;
+pub mod residue;
+pub mod validate;
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -17,8 +21,10 @@ use crate::access_log::AccessLine;
 use crate::app::State;
 use crate::error::Error;
 use crate::ids;
+use crate::metrics::RequestLabels;
 use crate::router::{self, TaskRoute};
 use crate::telemetry::now_rfc3339;
+use rate_limit::{Decision, RateKey};
 
 /// What one request accumulates on its way through, for the access log.
 pub struct Exchange {
@@ -47,7 +53,15 @@ pub async fn handle(
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
 
-    let (mut resp, reason) = match update(state, &mut ex, req).await {
+    // Past `max_inflight` answer at once rather than queue without bound.
+    let inflight = InflightGuard::enter(state);
+    let result = if inflight.count > state.config.limits.max_inflight {
+        Err(Error::Overloaded)
+    } else {
+        update(state, &mut ex, req).await
+    };
+    drop(inflight);
+    let (mut resp, reason) = match result {
         Ok(resp) => (resp, None),
         Err(err) => {
             let reason = err.reason();
@@ -58,6 +72,20 @@ pub async fn handle(
         resp.headers_mut().insert("x-request-id", v);
     }
 
+    let elapsed = started.elapsed();
+    let status = resp.status().as_u16();
+    state
+        .metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            status,
+            reason: reason.unwrap_or(""),
+        })
+        .inc();
+    state
+        .metrics
+        .request_duration
+        .observe(elapsed.as_secs_f64());
     let bytes_out = hyper::body::Body::size_hint(resp.body())
         .exact()
         .unwrap_or(0);
@@ -68,11 +96,11 @@ pub async fn handle(
         method: method.as_str(),
         // Bounded so a hostile path cannot bloat the log.
         path: truncate(&path, 512),
-        status: resp.status().as_u16(),
+        status,
         reason,
         user_id: ex.route.map(|r| r.user_id.to_string()),
         task_id: ex.route.map(|r| r.task_id.to_string()),
-        latency_ms: ms(started.elapsed()),
+        latency_ms: ms(elapsed),
         upstream_ms: ex.upstream_ms,
         bytes_in: ex.bytes_in,
         bytes_out,
@@ -80,8 +108,8 @@ pub async fn handle(
     resp
 }
 
-/// The stages. Nothing reaches `forward` that was not routed, read and
-/// checked first.
+/// The stages. Nothing reaches `forward` that was not routed, read,
+/// validated, admitted by the rate limit and the residue rule first.
 async fn update(
     state: &State,
     ex: &mut Exchange,
@@ -103,9 +131,54 @@ async fn update(
     .map_err(|_| Error::RequestTimeout)??;
     ex.bytes_in = body.bytes.len() as u64;
 
+    // The vendor contract, every broken field at once: 422. Later stages
+    // read the typed update, never the JSON again.
+    let task = validate::validate(&body.object, state.config.validation.allow_unknown_fields)
+        .map_err(Error::ValidationFailed)?;
+
+    // Per-user GCRA before anything costs the vendor a call: 429.
+    let key = RateKey::new(
+        &state.config.rate_limit.key,
+        route.user_id,
+        task.sub_user_id,
+    );
+    let (limit, remaining) = match state.limiter.check(key) {
+        Decision::Allowed { limit, remaining } => (limit, remaining),
+        Decision::Limited {
+            retry_after_secs, ..
+        } => {
+            state.metrics.rate_limited.inc();
+            return Err(Error::RateLimited { retry_after_secs });
+        }
+    };
+
+    // Residue rule: one update per (user, sub-user, line) at a time from here
+    // until the vendor has answered, checked against a list no older than
+    // the cache TTL and never older than the last admitted update: 409/422/503.
+    let token = state.token.get();
+    let list_key = (route.user_id, task.sub_user_id);
+    let _line = state.residue.lock_line(list_key, task.caller_line_id).await;
+    let lookup = residue::Lookup {
+        client: &state.client,
+        upstream: &state.config.upstream,
+        token: &token,
+        request_id: &ex.request_id,
+    };
+    let _verdict = state
+        .residue
+        .check(
+            &state.config.residue,
+            lookup,
+            list_key,
+            task.caller_line_id,
+            task.maximumcall,
+            |r| state.metrics.count_lookup(r),
+        )
+        .await?;
+
     // Token, header hygiene, URI from the checked ids, timeouts, retry.
     let upstream = &state.config.upstream;
-    let headers = forward::upstream_headers(&parts.headers, &state.token.get(), &ex.request_id);
+    let headers = forward::upstream_headers(&parts.headers, &token, &ex.request_id);
     let uri = forward::task_uri(upstream, &route)?;
     let answer = forward::send(
         &state.client,
@@ -115,16 +188,43 @@ async fn update(
         headers,
         body.bytes,
     )
-    .await?;
+    .await;
+    // Whatever the outcome, the vendor may have applied it: re-read the list.
+    state.residue.invalidate(list_key);
+    let answer = state.metrics.observe_upstream(answer)?;
     ex.upstream_ms = Some(ms(answer.upstream_time));
 
     // The vendor's status, Content-Type and body, unchanged.
     let mut resp = Response::new(Full::new(answer.body));
     *resp.status_mut() = answer.status;
+    let h = resp.headers_mut();
     if let Some(ct) = answer.content_type {
-        resp.headers_mut().insert(header::CONTENT_TYPE, ct);
+        h.insert(header::CONTENT_TYPE, ct);
     }
+    h.insert("ratelimit-limit", HeaderValue::from(limit));
+    h.insert("ratelimit-remaining", HeaderValue::from(remaining));
     Ok(resp)
+}
+
+/// Counts a request in `inflight` for as long as it lives.
+struct InflightGuard<'a> {
+    state: &'a State,
+    count: usize,
+}
+
+impl<'a> InflightGuard<'a> {
+    fn enter(state: &'a State) -> Self {
+        let count = state.inflight.fetch_add(1, Ordering::Relaxed) + 1;
+        state.metrics.inflight.inc();
+        InflightGuard { state, count }
+    }
+}
+
+impl Drop for InflightGuard<'_> {
+    fn drop(&mut self) {
+        self.state.inflight.fetch_sub(1, Ordering::Relaxed);
+        self.state.metrics.inflight.dec();
+    }
 }
 
 fn ms(d: std::time::Duration) -> f64 {

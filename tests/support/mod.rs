@@ -399,12 +399,14 @@ pub async fn send(
 }
 
 /// A JSON PUT to `path` on the gateway.
-pub async fn put(gw: &Gateway, path: &str, body: &str) -> Resp {
+pub async fn put(gw: &Gateway, path: impl AsRef<str>, body: impl AsRef<str>) -> Resp {
+    let body = body.as_ref().to_owned();
+    let url = gw.url(path.as_ref());
     send(
         Method::PUT,
-        &gw.url(path),
+        &url,
         &[("content-type", "application/json")],
-        body.to_owned(),
+        body,
     )
     .await
 }

@@ -1,0 +1,368 @@
+//! Residue stage: `maximumcall` must not exceed the chosen caller line's
+//! `residue`, read from the vendor's task-initialisation endpoint. Line lists
+//! are cached per (user, sub-user) with single flight, and updates of one
+//! (user, sub-user, line) are checked and forwarded one at a time, so two
+//! concurrent updates are never both admitted against the same stale value.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use serde_json::Value;
+use tokio::sync::OnceCell;
+use uuid::Uuid;
+
+use crate::config::{OnUnavailable, ResidueConfig, UpstreamConfig};
+use crate::error::Error;
+use crate::pipeline::forward;
+use crate::upstream::{Token, UpstreamClient};
+
+/// Whose line list: the account, or one of its sub-accounts.
+pub type ListKey = (Uuid, Option<Uuid>);
+
+/// Caller line id -> residue.
+pub type LineList = HashMap<Uuid, i64>;
+
+/// How the rule was applied to one update; the audit record says so.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Checked against this residue and admitted.
+    Checked { residue: i64 },
+    /// `residue.enabled = false`.
+    Disabled,
+    /// The list could not be read and `on_unavailable = "allow"`.
+    UnavailableAllowed,
+}
+
+/// Why a line list could not be used.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LookupError {
+    #[error("vendor unreachable or timed out")]
+    Upstream,
+    #[error("vendor answered HTTP {0}")]
+    Status(StatusCode),
+    #[error("answer is not JSON")]
+    NotJson,
+    #[error("no caller_line_list in the answer")]
+    NoList,
+    #[error("caller line entry {0} has no usable value/residue")]
+    BadEntry(usize),
+}
+
+/// How a lookup ended, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LookupResult {
+    Hit,
+    Miss,
+    Error,
+}
+
+type Cell = Arc<OnceCell<Result<Arc<LineList>, LookupError>>>;
+
+struct CacheEntry {
+    cell: Cell,
+    created: Instant,
+}
+
+/// Past this many cached lists, expired ones are swept on the next insert.
+const CACHE_SWEEP_AT: usize = 10_000;
+
+pub struct ResidueGate {
+    cache: Mutex<HashMap<ListKey, CacheEntry>>,
+    locks: Arc<Mutex<HashMap<LineKey, Arc<tokio::sync::Mutex<()>>>>>,
+}
+
+type LineKey = (Uuid, Option<Uuid>, Uuid);
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // No code panics while holding these locks; recover rather than cascade.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Held from the residue check until the vendor has answered and the cache
+/// entry is dropped. Removes its lock from the table when nobody else waits.
+pub struct LineGuard {
+    locks: Arc<Mutex<HashMap<LineKey, Arc<tokio::sync::Mutex<()>>>>>,
+    key: LineKey,
+    held: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Drop for LineGuard {
+    fn drop(&mut self) {
+        let mut table = lock(&self.locks);
+        self.held.take();
+        // The table's Arc is the only one left: nobody holds or waits.
+        if table
+            .get(&self.key)
+            .is_some_and(|m| Arc::strong_count(m) == 1)
+        {
+            table.remove(&self.key);
+        }
+    }
+}
+
+/// What the stage needs from the rest of the gateway for a lookup.
+pub struct Lookup<'a> {
+    pub client: &'a UpstreamClient,
+    pub upstream: &'a UpstreamConfig,
+    pub token: &'a Token,
+    pub request_id: &'a str,
+}
+
+impl Default for ResidueGate {
+    fn default() -> Self {
+        ResidueGate {
+            cache: Mutex::new(HashMap::new()),
+            locks: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+}
+
+impl ResidueGate {
+    /// Serialises updates of one caller line within this process.
+    pub async fn lock_line(&self, key: ListKey, line: Uuid) -> LineGuard {
+        let key = (key.0, key.1, line);
+        let mutex = lock(&self.locks).entry(key).or_default().clone();
+        let held = mutex.lock_owned().await;
+        LineGuard {
+            locks: self.locks.clone(),
+            key,
+            held: Some(held),
+        }
+    }
+
+    /// Applies the rule to one update. Call with the line's guard held.
+    pub async fn check(
+        &self,
+        cfg: &ResidueConfig,
+        lookup: Lookup<'_>,
+        key: ListKey,
+        line: Uuid,
+        maximumcall: i64,
+        on_lookup: impl FnOnce(LookupResult),
+    ) -> Result<Verdict, Error> {
+        if !cfg.enabled {
+            return Ok(Verdict::Disabled);
+        }
+        let lines = match self.lines(cfg, lookup, key, on_lookup).await {
+            Ok(lines) => lines,
+            Err(e) => {
+                tracing::warn!(cause = %e, user_id = %key.0, "caller line list unavailable");
+                return match cfg.on_unavailable {
+                    OnUnavailable::Reject => Err(Error::ResidueUnavailable),
+                    OnUnavailable::Allow => Ok(Verdict::UnavailableAllowed),
+                };
+            }
+        };
+        let Some(&residue) = lines.get(&line) else {
+            return Err(Error::UnknownCallerLine {
+                line: line.to_string(),
+            });
+        };
+        if maximumcall > residue {
+            return Err(Error::ResidueExceeded {
+                maximumcall,
+                residue,
+                line: line.to_string(),
+            });
+        }
+        Ok(Verdict::Checked { residue })
+    }
+
+    /// Drops the cached list after an update the vendor may have applied, so
+    /// the next update reads the new residue.
+    pub fn invalidate(&self, key: ListKey) {
+        lock(&self.cache).remove(&key);
+    }
+
+    /// The cached list, or one fetch shared by every concurrent miss.
+    async fn lines(
+        &self,
+        cfg: &ResidueConfig,
+        lookup: Lookup<'_>,
+        key: ListKey,
+        on_lookup: impl FnOnce(LookupResult),
+    ) -> Result<Arc<LineList>, LookupError> {
+        let cell = {
+            let mut cache = lock(&self.cache);
+            let now = Instant::now();
+            let fresh = cache
+                .get(&key)
+                .filter(|e| now.duration_since(e.created) < cfg.cache_ttl)
+                .map(|e| e.cell.clone());
+            match fresh {
+                Some(cell) => cell,
+                None => {
+                    if cache.len() >= CACHE_SWEEP_AT {
+                        cache.retain(|_, e| now.duration_since(e.created) < cfg.cache_ttl);
+                    }
+                    let cell = Cell::default();
+                    cache.insert(
+                        key,
+                        CacheEntry {
+                            cell: cell.clone(),
+                            created: now,
+                        },
+                    );
+                    cell
+                }
+            }
+        };
+        let mut fetched = false;
+        let result = cell
+            .get_or_init(|| {
+                fetched = true;
+                fetch(cfg, lookup, key)
+            })
+            .await
+            .clone();
+        on_lookup(match (&result, fetched) {
+            (Err(_), _) => LookupResult::Error,
+            (Ok(_), true) => LookupResult::Miss,
+            (Ok(_), false) => LookupResult::Hit,
+        });
+        if result.is_err() {
+            // Concurrent waiters share this failure; the next request retries.
+            let mut cache = lock(&self.cache);
+            if cache.get(&key).is_some_and(|e| Arc::ptr_eq(&e.cell, &cell)) {
+                cache.remove(&key);
+            }
+        }
+        result
+    }
+}
+
+async fn fetch(
+    cfg: &ResidueConfig,
+    lookup: Lookup<'_>,
+    key: ListKey,
+) -> Result<Arc<LineList>, LookupError> {
+    let mut path = cfg
+        .path
+        .replace("{user_id}", &key.0.hyphenated().to_string());
+    if let Some(sub) = key.1 {
+        path.push_str("?sub_user_id=");
+        path.push_str(&sub.hyphenated().to_string());
+    }
+    let uri = forward::upstream_uri(lookup.upstream, &path).map_err(|_| LookupError::Upstream)?;
+    let mut headers = HeaderMap::new();
+    headers.insert(header::AUTHORIZATION, lookup.token.authorization().clone());
+    headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+    if let Ok(id) = HeaderValue::from_str(lookup.request_id) {
+        headers.insert("x-request-id", id);
+    }
+    let answer = forward::send(
+        lookup.client,
+        lookup.upstream,
+        Method::GET,
+        uri,
+        headers,
+        Bytes::new(),
+    )
+    .await
+    .map_err(|_| LookupError::Upstream)?;
+    if answer.status != StatusCode::OK {
+        return Err(LookupError::Status(answer.status));
+    }
+    let doc: Value = serde_json::from_slice(&answer.body).map_err(|_| LookupError::NotJson)?;
+    parse_line_list(&doc).map(Arc::new)
+}
+
+/// The list at `data.caller_line_list`, else `meta.caller_line_list`, else
+/// `data.meta.caller_line_list`. `value` must be a UUID; `residue` a JSON
+/// integer or a string holding one. Anything else makes the whole list
+/// unusable: admitting against a half-understood list is worse than refusing.
+pub fn parse_line_list(doc: &Value) -> Result<LineList, LookupError> {
+    let list = [
+        doc.pointer("/data/caller_line_list"),
+        doc.pointer("/meta/caller_line_list"),
+        doc.pointer("/data/meta/caller_line_list"),
+    ]
+    .into_iter()
+    .flatten()
+    .find_map(Value::as_array)
+    .ok_or(LookupError::NoList)?;
+    let mut lines = LineList::with_capacity(list.len());
+    for (i, entry) in list.iter().enumerate() {
+        let value = entry
+            .get("value")
+            .and_then(Value::as_str)
+            .and_then(crate::ids::parse_canonical_uuid)
+            .ok_or(LookupError::BadEntry(i))?;
+        let residue = match entry.get("residue") {
+            Some(Value::Number(n)) => n.as_i64(),
+            Some(Value::String(s)) => s.trim().parse::<i64>().ok(),
+            _ => None,
+        }
+        .ok_or(LookupError::BadEntry(i))?;
+        lines.insert(value, residue);
+    }
+    Ok(lines)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const L: &str = "f352fd9d-b86b-49eb-942c-3ae2f69fa3b0";
+
+    #[test]
+    fn list_locations_in_order() {
+        let a = json!({"data": {"caller_line_list": [{"value": L, "residue": 3}]}});
+        let b = json!({"meta": {"caller_line_list": [{"value": L, "residue": "4"}]}});
+        let c = json!({"data": {"meta": {"caller_line_list": [{"value": L, "residue": 5}]}}});
+        let id: Uuid = L.parse().unwrap();
+        assert_eq!(parse_line_list(&a).unwrap()[&id], 3);
+        assert_eq!(parse_line_list(&b).unwrap()[&id], 4);
+        assert_eq!(parse_line_list(&c).unwrap()[&id], 5);
+        assert!(matches!(
+            parse_line_list(&json!({"data": ""})),
+            Err(LookupError::NoList)
+        ));
+    }
+
+    #[test]
+    fn bad_entries_make_the_list_unusable() {
+        for bad in [
+            json!({"value": L, "residue": 1.5}),
+            json!({"value": L, "residue": "x"}),
+            json!({"value": L, "residue": null}),
+            json!({"value": L}),
+            json!({"value": "not-a-uuid", "residue": 1}),
+            json!({"residue": 1}),
+        ] {
+            let doc = json!({"data": {"caller_line_list": [bad]}});
+            assert!(
+                matches!(parse_line_list(&doc), Err(LookupError::BadEntry(0))),
+                "{doc}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn line_locks_serialise_and_clean_up() {
+        let gate = ResidueGate::default();
+        let user = Uuid::new_v4();
+        let line = Uuid::new_v4();
+        let first = gate.lock_line((user, None), line).await;
+        let second = gate.lock_line((user, None), line);
+        tokio::pin!(second);
+        // The second waits while the first is held.
+        assert!(futures_poll_once(&mut second).await.is_none());
+        drop(first);
+        let second = second.await;
+        drop(second);
+        assert!(lock(&gate.locks).is_empty(), "the lock table does not grow");
+    }
+
+    async fn futures_poll_once<F: std::future::Future + Unpin>(f: &mut F) -> Option<F::Output> {
+        std::future::poll_fn(|cx| match std::pin::Pin::new(&mut *f).poll(cx) {
+            std::task::Poll::Ready(v) => std::task::Poll::Ready(Some(v)),
+            std::task::Poll::Pending => std::task::Poll::Ready(None),
+        })
+        .await
+    }
+}
