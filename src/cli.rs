@@ -102,7 +102,7 @@ fn serve(path: Option<PathBuf>) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(1, format!("cannot start the runtime: {e}")),
     };
-    match rt.block_on(app::run(config, shutdown_signal())) {
+    match rt.block_on(app::run(config, path, shutdown_signal)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(1, e),
     }
@@ -200,7 +200,7 @@ fn demo(path: Option<PathBuf>, upstream_listen: String) -> ExitCode {
             mock_vendor::EXAMPLE_TASK,
             mock_vendor::EXAMPLE_BODY,
         );
-        let result = app::run(config, shutdown_signal()).await;
+        let result = app::run(config, path, shutdown_signal).await;
         vendor.stop().await;
         match result {
             Ok(()) => ExitCode::SUCCESS,

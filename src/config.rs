@@ -257,6 +257,17 @@ pub enum TokenSetting {
     File { path: PathBuf, initial: Token },
 }
 
+impl UpstreamConfig {
+    /// Whether a client built for `other` serves this config as well (the
+    /// token and request timeout are applied per request, not in the client).
+    pub fn same_connection_settings(&self, other: &UpstreamConfig) -> bool {
+        self.scheme == other.scheme
+            && self.authority == other.authority
+            && self.extra_ca_file == other.extra_ca_file
+            && self.connect_timeout == other.connect_timeout
+    }
+}
+
 impl TokenSetting {
     pub fn current(&self) -> &Token {
         match self {
@@ -333,7 +344,7 @@ pub enum FsyncMode {
     Never,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AuditSettings {
     pub path: PathBuf,
     pub fsync: FsyncMode,

@@ -30,6 +30,41 @@ pub struct ServeLimits {
 /// A signal that flips to `true` once, when the process should stop accepting.
 pub type Shutdown = watch::Receiver<bool>;
 
+/// The HTTP/2 connection preface; anything else is HTTP/1.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Waits until the first bytes tell HTTP/1 from h2c, at most `deadline`.
+/// Normal clients send a request line or the whole preface at once, so this
+/// is one readiness wait and one peek; only a client trickling a prefix of
+/// the preface makes it look again.
+async fn protocol_known_in_time(stream: &tokio::net::TcpStream, deadline: Duration) -> bool {
+    let until = tokio::time::Instant::now() + deadline;
+    let mut buf = [0u8; 24];
+    loop {
+        if tokio::time::timeout_at(until, stream.readable())
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        let n = match stream.peek(&mut buf).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => n,
+        };
+        if n == H2_PREFACE.len() || !H2_PREFACE.starts_with(&buf[..n]) {
+            return true;
+        }
+        // A partial preface: readiness stays set while bytes are buffered,
+        // so wait a little before looking again.
+        if tokio::time::timeout_at(until, tokio::time::sleep(Duration::from_millis(10)))
+            .await
+            .is_err()
+        {
+            return false;
+        }
+    }
+}
+
 /// Completes once shutdown has been signalled (or its sender is gone).
 pub async fn fired(shutdown: &mut Shutdown) {
     // The guard `wait_for` returns is not `Send`; drop it here.
@@ -90,15 +125,20 @@ pub async fn serve<H, F>(
             let handler = handler.clone();
             async move { Ok::<_, Infallible>(handler(req, peer).await) }
         });
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let deadline = limits.header_read_timeout;
         tokio::spawn(async move {
-            // Connection errors (client went away, bad framing) are the
-            // client's business; hyper has already answered what it could.
-            if let Err(e) = conn.await {
-                tracing::debug!(cause = %e, client = %peer, "connection ended with an error");
+            // hyper's header timeout starts only once the protocol is known;
+            // a client that sends nothing, or the h2c preface a byte at a
+            // time, must not hold a connection slot for longer than it.
+            if protocol_known_in_time(&stream, deadline).await {
+                let conn = builder.serve_connection(TokioIo::new(stream), service);
+                // Connection errors (client went away, bad framing) are the
+                // client's business; hyper has already answered what it could.
+                if let Err(e) = watcher.watch(conn.into_owned()).await {
+                    tracing::debug!(cause = %e, client = %peer, "connection ended with an error");
+                }
             }
             drop(permit);
         });

@@ -2,8 +2,8 @@
 //! pooled HTTP/1.1 + HTTP/2 client over rustls.
 
 use std::fmt;
-use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::Bytes;
 use http::HeaderValue;
@@ -67,17 +67,25 @@ impl fmt::Display for Token {
     }
 }
 
-/// The token in force. A lock rather than a copy per request so a rotated
-/// token file can replace it while requests are running.
+/// The token in force, and where it came from. A lock rather than a copy per
+/// request so a rotated token file (or a reload) can replace it while
+/// requests are running.
 pub struct TokenSource {
     current: RwLock<Token>,
+    /// The file to re-read, when the token comes from one; `None` for the
+    /// environment. The last read error is kept so a broken file is logged
+    /// once, not on every poll.
+    file: Mutex<Option<(PathBuf, Option<String>)>>,
 }
 
 impl TokenSource {
     pub fn new(setting: &TokenSetting) -> TokenSource {
-        TokenSource {
+        let source = TokenSource {
             current: RwLock::new(setting.current().clone()),
-        }
+            file: Mutex::new(None),
+        };
+        source.set(setting);
+        source
     }
 
     pub fn get(&self) -> Token {
@@ -88,10 +96,46 @@ impl TokenSource {
         }
     }
 
-    pub fn replace(&self, token: Token) {
+    /// Switches to a new setting (config reload).
+    pub fn set(&self, setting: &TokenSetting) {
+        self.replace(setting.current().clone());
+        let file = match setting {
+            TokenSetting::Env(_) => None,
+            TokenSetting::File { path, .. } => Some((path.clone(), None)),
+        };
+        *self.file.lock().unwrap_or_else(|p| p.into_inner()) = file;
+    }
+
+    fn replace(&self, token: Token) {
         match self.current.write() {
             Ok(mut t) => *t = token,
             Err(poisoned) => *poisoned.into_inner() = token,
+        }
+    }
+
+    /// Re-reads the token file. Returns the new token when it changed. An
+    /// empty or unreadable file keeps the old token (logged once per cause).
+    pub fn refresh(&self) -> Option<Token> {
+        let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        let (path, last_error) = file.as_mut()?;
+        match Token::read_file(path) {
+            Ok(token) => {
+                *last_error = None;
+                if token.authorization() == self.get().authorization() {
+                    return None;
+                }
+                self.replace(token.clone());
+                tracing::info!(path = %path.display(), "upstream token reloaded from file");
+                Some(token)
+            }
+            Err(e) => {
+                let cause = e.to_string();
+                if last_error.as_deref() != Some(cause.as_str()) {
+                    tracing::warn!(cause = %cause, "token file unusable; keeping the current token");
+                    *last_error = Some(cause);
+                }
+                None
+            }
         }
     }
 }

@@ -18,7 +18,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 
 use crate::access_log::AccessLine;
-use crate::app::State;
+use crate::app::{Live, State};
 use crate::error::Error;
 use crate::ids;
 use crate::metrics::RequestLabels;
@@ -55,10 +55,11 @@ pub async fn handle(
 
     // Past `max_inflight` answer at once rather than queue without bound.
     let inflight = InflightGuard::enter(state);
-    let result = if inflight.count > state.config.limits.max_inflight {
+    let live = state.live.load_full();
+    let result = if inflight.count > live.config.limits.max_inflight {
         Err(Error::Overloaded)
     } else {
-        update(state, &mut ex, req).await
+        update(state, &live, &mut ex, req).await
     };
     drop(inflight);
     let (mut resp, reason) = match result {
@@ -112,6 +113,7 @@ pub async fn handle(
 /// validated, admitted by the rate limit and the residue rule first.
 async fn update(
     state: &State,
+    live: &Live,
     ex: &mut Exchange,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Error> {
@@ -122,7 +124,7 @@ async fn update(
 
     // Media type, size, one JSON object: 415/413/400. The body must arrive
     // within the header timeout too, or a slow sender holds a slot forever.
-    let limits = &state.config.limits;
+    let limits = &live.config.limits;
     let body = tokio::time::timeout(
         limits.header_read_timeout,
         body::read(&parts.headers, incoming, limits.max_body_bytes),
@@ -133,16 +135,12 @@ async fn update(
 
     // The vendor contract, every broken field at once: 422. Later stages
     // read the typed update, never the JSON again.
-    let task = validate::validate(&body.object, state.config.validation.allow_unknown_fields)
+    let task = validate::validate(&body.object, live.config.validation.allow_unknown_fields)
         .map_err(Error::ValidationFailed)?;
 
     // Per-user GCRA before anything costs the vendor a call: 429.
-    let key = RateKey::new(
-        &state.config.rate_limit.key,
-        route.user_id,
-        task.sub_user_id,
-    );
-    let (limit, remaining) = match state.limiter.check(key) {
+    let key = RateKey::new(&live.config.rate_limit.key, route.user_id, task.sub_user_id);
+    let (limit, remaining) = match live.limiter.check(key) {
         Decision::Allowed { limit, remaining } => (limit, remaining),
         Decision::Limited {
             retry_after_secs, ..
@@ -159,15 +157,15 @@ async fn update(
     let list_key = (route.user_id, task.sub_user_id);
     let _line = state.residue.lock_line(list_key, task.caller_line_id).await;
     let lookup = residue::Lookup {
-        client: &state.client,
-        upstream: &state.config.upstream,
+        client: &live.client,
+        upstream: &live.config.upstream,
         token: &token,
         request_id: &ex.request_id,
     };
     let _verdict = state
         .residue
         .check(
-            &state.config.residue,
+            &live.config.residue,
             lookup,
             list_key,
             task.caller_line_id,
@@ -177,18 +175,33 @@ async fn update(
         .await?;
 
     // Token, header hygiene, URI from the checked ids, timeouts, retry.
-    let upstream = &state.config.upstream;
+    let upstream = &live.config.upstream;
     let headers = forward::upstream_headers(&parts.headers, &token, &ex.request_id);
     let uri = forward::task_uri(upstream, &route)?;
-    let answer = forward::send(
-        &state.client,
-        upstream,
-        http::Method::PUT,
-        uri,
-        headers,
-        body.bytes,
-    )
-    .await;
+    let send = |headers| {
+        let (uri, bytes) = (uri.clone(), body.bytes.clone());
+        forward::send(
+            &live.client,
+            upstream,
+            http::Method::PUT,
+            uri,
+            headers,
+            bytes,
+        )
+    };
+    let mut answer = send(headers).await;
+    // A 401 may mean the token file was rotated under us. The vendor applied
+    // nothing it refused, so re-read the file and try once more.
+    if matches!(&answer, Ok(a) if a.status == http::StatusCode::UNAUTHORIZED)
+        && let Some(fresh) = state.token.refresh()
+    {
+        answer = send(forward::upstream_headers(
+            &parts.headers,
+            &fresh,
+            &ex.request_id,
+        ))
+        .await;
+    }
     // Whatever the outcome, the vendor may have applied it: re-read the list.
     state.residue.invalidate(list_key);
     let answer = state.metrics.observe_upstream(answer)?;

@@ -76,6 +76,8 @@ pub trait RateLimiter: Send + Sync {
     fn check(&self, key: RateKey) -> Decision;
     /// Keys currently holding state (for metrics and tests).
     fn tracked_keys(&self) -> usize;
+    /// Housekeeping the app runs every few seconds (a shared backend may have none).
+    fn sweep(&self) {}
 }
 
 /// In-process limiter: one keyed GCRA table for the default quota, one per override user, and
@@ -227,7 +229,7 @@ impl<C: Clock + Clone> LocalLimiter<C> {
 
     /// Evicts every key whose bucket has fully refilled, and gives memory back after a flood.
     /// The app calls this every few seconds from a background task.
-    pub fn sweep(&self) {
+    pub fn sweep_refilled(&self) {
         self.last_sweep
             .store(self.elapsed_nanos(), Ordering::Relaxed);
         for bucket in self.buckets() {
@@ -286,6 +288,10 @@ impl<C> RateLimiter for LocalLimiter<C>
 where
     C: Clock + Clone + Send + Sync,
 {
+    fn sweep(&self) {
+        self.sweep_refilled();
+    }
+
     fn check(&self, key: RateKey) -> Decision {
         let bucket = self.bucket_for(&key.user);
         // One atomic load on the hot path; the "is this key new?" lookup only near the bound.
