@@ -126,6 +126,7 @@ struct Shared {
     delay: Mutex<Duration>,
     update_fault: Mutex<Fault>,
     init_fault: Mutex<Fault>,
+    token: Mutex<Option<String>>,
 }
 
 /// A running emulator. Knobs apply to requests that arrive after they are set.
@@ -163,6 +164,7 @@ impl MockVendor {
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             lines: Mutex::new(opts.lines.clone()),
+            token: Mutex::new(opts.token.clone()),
             opts,
             recorded: Mutex::new(Vec::new()),
             arrived: Notify::new(),
@@ -230,6 +232,11 @@ impl MockVendor {
 
     pub fn set_init_fault(&self, f: Fault) {
         *lock(&self.shared.init_fault) = f;
+    }
+
+    /// Requires this bearer token from now on (`None`: accept any).
+    pub fn set_token(&self, token: Option<&str>) {
+        *lock(&self.shared.token) = token.map(str::to_owned);
     }
 
     pub fn set_lines(&self, key: &str, lines: Vec<Line>) {
@@ -332,7 +339,8 @@ async fn answer(
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
-    if let Some(want) = &shared.opts.token {
+    let want = lock(&shared.token).clone();
+    if let Some(want) = want {
         let ok = parts
             .headers
             .get(header::AUTHORIZATION)

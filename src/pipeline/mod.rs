@@ -155,7 +155,11 @@ async fn update(
     // the cache TTL and never older than the last admitted update: 409/422/503.
     let token = state.token.get();
     let list_key = (route.user_id, task.sub_user_id);
-    let _line = state.residue.lock_line(list_key, task.caller_line_id).await;
+    let _line = match live.config.residue.enabled {
+        true => Some(state.residue.lock_line(list_key, task.caller_line_id).await),
+        // Without the rule there is no residue to keep consistent.
+        false => None,
+    };
     let lookup = residue::Lookup {
         client: &live.client,
         upstream: &live.config.upstream,
