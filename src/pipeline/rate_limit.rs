@@ -2,16 +2,16 @@
 //!
 //! # Memory bound
 //!
-//! At most `MAX_TRACKED_KEYS` = 100,000 rate-limit keys are held, over all quotas (threads
+//! At most `MAX_TRACKED_KEYS` = 50,000 rate-limit keys are held, over all quotas (threads
 //! racing past the check at the same instant can add one key each). A key is evicted only once
 //! its bucket has fully refilled, so eviction never hands an active user a fresh bucket; while
 //! the table is full, requests from *new* keys get 429 with `Retry-After: 1` (fail closed) and
 //! tracked users keep their buckets. Each key takes one 49-byte hash-table slot (33-byte key,
 //! 8-byte GCRA state, padding, a control byte) in tables kept at most 7/8 full: measured
-//! 64 bytes per key, 6.1 MiB for a full table (2-core machine); hash-table growth rounding can
-//! double that, so the bound is about 12.3 MiB. A periodic sweep evicts refilled keys and gives
+//! 64 bytes per key, so about 3.1 MiB for a full table (2-core machine); hash-table growth
+//! rounding can double that, so the bound is about 6.2 MiB, inside the 16 MiB RSS budget. A periodic sweep evicts refilled keys and gives
 //! the memory back once the table is mostly empty. At the default quota (5/s, burst 10) a key
-//! is held at most ~2.2 s after its last request, so fewer than ~45,000 new keys per second
+//! is held at most ~2.2 s after its last request, so fewer than ~22,000 new keys per second
 //! cannot fill the table.
 
 use std::collections::HashMap;
@@ -31,7 +31,7 @@ use uuid::Uuid;
 use crate::config::{Quota, RateKeyKind, RateLimitConfig};
 
 /// Most keys (over all quotas) tracked at once; a new key beyond it is refused.
-pub const MAX_TRACKED_KEYS: usize = 100_000;
+pub const MAX_TRACKED_KEYS: usize = 50_000;
 
 /// Past this many tracked keys, a new key triggers an inline eviction (rate-limited by
 /// [`INLINE_SWEEP_EVERY`]), so the background sweep is not the only thing between a flood
