@@ -20,6 +20,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::access_log::{AccessLog, AccessLogTask};
+use crate::audit::{AuditLog, AuditWriterTask};
 use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;
 use crate::pipeline;
@@ -41,7 +42,8 @@ pub struct State {
     pub live: ArcSwap<Live>,
     pub token: TokenSource,
     pub access_log: AccessLog,
-    pub metrics: Metrics,
+    pub audit: AuditLog,
+    pub metrics: Arc<Metrics>,
     pub residue: ResidueGate,
     /// Requests being handled, against `limits.max_inflight`.
     pub inflight: AtomicUsize,
@@ -79,6 +81,7 @@ pub struct Gateway {
     stop: watch::Sender<bool>,
     servers: Vec<JoinHandle<()>>,
     housekeeping: Vec<JoinHandle<()>>,
+    audit: AuditWriterTask,
     access_log: AccessLogTask,
 }
 
@@ -101,6 +104,9 @@ impl Gateway {
         let admin_listen = local(&admin, "admin_listen", config.admin_listen)?;
 
         let (access_log, access_task) = AccessLog::start(access_out);
+        let metrics = Arc::new(Metrics::default());
+        // Never fails: an unwritable log starts "not ready" and recovers.
+        let (audit, audit_task) = AuditLog::start(config.audit.clone(), metrics.clone());
         let limits = ServeLimits {
             max_connections: config.limits.max_connections,
             header_read_timeout: config.limits.header_read_timeout,
@@ -114,7 +120,8 @@ impl Gateway {
                 client,
             }),
             access_log,
-            metrics: Metrics::default(),
+            audit,
+            metrics,
             residue: ResidueGate::default(),
             inflight: AtomicUsize::new(0),
             config_path,
@@ -162,16 +169,25 @@ impl Gateway {
             stop,
             servers: vec![data_server, admin_server],
             housekeeping,
+            audit: audit_task,
             access_log: access_task,
         })
     }
 
     /// Stops accepting, lets in-flight requests finish within the grace
-    /// period, stops the background tasks, then flushes the access log.
+    /// period, stops the background tasks, flushes and fsyncs the audit log,
+    /// then flushes the access log.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         for task in self.servers.into_iter().chain(self.housekeeping) {
             let _ = task.await;
+        }
+        // Bounded: a hung disk must not keep the process from exiting.
+        let grace = self.state.live.load().config.shutdown_grace;
+        match tokio::time::timeout(grace, self.audit.shutdown()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(cause = %e, "audit log flush at shutdown failed"),
+            Err(_) => tracing::error!("audit log flush at shutdown timed out"),
         }
         // The writer thread blocks on its channel; join it off the runtime.
         let access_log = self.access_log;
@@ -318,12 +334,22 @@ fn admin_handle(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> 
             r#"{"status":"ok"}"#.to_owned(),
         ),
         (&Method::GET, "/readyz") => {
-            // A token is always held once started (start-up fails without one).
-            (
-                StatusCode::OK,
-                "application/json",
-                r#"{"status":"ready","checks":{"token":"ok"}}"#.to_owned(),
-            )
+            // A token is always held once started (start-up fails without
+            // one); the audit log can become unwritable at any time.
+            if state.audit.is_writable() {
+                (
+                    StatusCode::OK,
+                    "application/json",
+                    r#"{"status":"ready","checks":{"token":"ok","audit":"ok"}}"#.to_owned(),
+                )
+            } else {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "application/json",
+                    r#"{"status":"not ready","failing":"audit","checks":{"token":"ok","audit":"not writable"}}"#
+                        .to_owned(),
+                )
+            }
         }
         _ => (
             StatusCode::NOT_FOUND,

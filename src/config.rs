@@ -12,6 +12,7 @@ use http::uri::{Authority, Scheme};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::audit::{AuditConfig, FsyncPolicy};
 use crate::ids::parse_canonical_uuid;
 use crate::upstream::Token;
 
@@ -232,7 +233,7 @@ pub struct Config {
     pub validation: ValidationConfig,
     pub rate_limit: RateLimitConfig,
     pub residue: ResidueConfig,
-    pub audit: AuditSettings,
+    pub audit: AuditConfig,
     pub log_format: LogFormat,
     pub worker_threads: usize,
 }
@@ -338,20 +339,6 @@ pub struct ResidueConfig {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FsyncMode {
-    Always,
-    Interval,
-    Never,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct AuditSettings {
-    pub path: PathBuf,
-    pub fsync: FsyncMode,
-    pub max_bytes: u64,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     Json,
     Text,
@@ -415,16 +402,16 @@ impl Config {
         };
         let rate_limit = rate_limit_config(&raw.rate_limit)?;
         let residue = residue_config(&raw.residue)?;
-        let audit = AuditSettings {
+        let audit = AuditConfig {
             path: if raw.audit.path.as_os_str().is_empty() {
                 return Err(invalid("audit.path", "must not be empty"));
             } else {
                 raw.audit.path.clone()
             },
             fsync: match raw.audit.fsync.as_str() {
-                "always" => FsyncMode::Always,
-                "interval" => FsyncMode::Interval,
-                "never" => FsyncMode::Never,
+                "always" => FsyncPolicy::Always,
+                "interval" => FsyncPolicy::Interval,
+                "never" => FsyncPolicy::Never,
                 other => {
                     return Err(invalid(
                         "audit.fsync",
@@ -432,8 +419,11 @@ impl Config {
                     ));
                 }
             },
-            max_bytes: if raw.audit.max_bytes < 4096 {
-                return Err(invalid("audit.max_bytes", "must be at least 4096"));
+            max_bytes: if raw.audit.max_bytes != 0 && raw.audit.max_bytes < 4096 {
+                return Err(invalid(
+                    "audit.max_bytes",
+                    "must be 0 (never rotate) or at least 4096",
+                ));
             } else {
                 raw.audit.max_bytes
             },
@@ -694,7 +684,7 @@ mod tests {
         assert_eq!(c.rate_limit.default.burst.get(), 10);
         assert_eq!(c.residue.cache_ttl, Duration::from_millis(5_000));
         assert_eq!(c.residue.on_unavailable, OnUnavailable::Reject);
-        assert_eq!(c.audit.fsync, FsyncMode::Always);
+        assert_eq!(c.audit.fsync, FsyncPolicy::Always);
     }
 
     #[test]

@@ -207,3 +207,30 @@ mod tests {
         }
     }
 }
+
+/// The audit writer reports through these hooks (from its own thread).
+impl crate::audit::AuditObserver for Metrics {
+    fn record_written(&self, event: crate::audit::Event) {
+        self.audit_records
+            .get_or_create(&EventLabel {
+                event: event.as_str(),
+            })
+            .inc();
+    }
+
+    fn fsync_done(&self, elapsed: std::time::Duration) {
+        self.audit_fsync.observe(elapsed.as_secs_f64());
+    }
+
+    fn record_dropped(&self, event: crate::audit::Event) {
+        self.audit_dropped
+            .get_or_create(&EventLabel {
+                event: event.as_str(),
+            })
+            .inc();
+    }
+
+    fn torn_line(&self) {
+        self.audit_torn_lines.inc();
+    }
+}

@@ -9,6 +9,7 @@ pub mod residue;
 pub mod validate;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
@@ -17,28 +18,65 @@ use http::{HeaderValue, Request, Response, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
 
+use serde_json::Value;
+use uuid::Uuid;
+
 use crate::access_log::AccessLine;
 use crate::app::{Live, State};
+use crate::audit::{Event, Record};
 use crate::error::Error;
 use crate::ids;
 use crate::metrics::RequestLabels;
 use crate::router::{self, TaskRoute};
 use crate::telemetry::now_rfc3339;
+use crate::upstream::Token;
+use body::JsonBody;
 use rate_limit::{Decision, RateKey};
+use residue::Verdict;
 
-/// What one request accumulates on its way through, for the access log.
+/// What one request accumulates on its way through, for the access log and
+/// the audit records.
 pub struct Exchange {
     pub request_id: String,
     pub client: SocketAddr,
     pub route: Option<TaskRoute>,
+    pub sub_user_id: Option<Uuid>,
+    /// The parsed body, for the audit record.
+    pub request: Option<Value>,
+    pub stage: Stage,
     pub upstream_ms: Option<f64>,
     pub bytes_in: u64,
 }
 
+/// How far a request got, which decides what the audit log gets on error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Refused before its body was looked at (404, 405, overloaded): no record.
+    Routing,
+    /// A mutation under examination: a refusal is a `rejected` record.
+    Examined,
+    /// The `attempt` is durable; the forward writes the `outcome` itself.
+    Attempted,
+}
+
+impl Exchange {
+    /// A record with this request's identifying fields filled in.
+    fn record(&self, event: Event) -> Record {
+        Record {
+            client: Some(self.client.to_string()),
+            user_id: self.route.map(|r| r.user_id.to_string()),
+            sub_user_id: self.sub_user_id.map(|s| s.to_string()),
+            task_id: self.route.map(|r| r.task_id.to_string()),
+            ..Record::new(event, self.request_id.clone())
+        }
+    }
+}
+
 /// The outer handler: every response, success or error, leaves here with
-/// `X-Request-Id` and one access-log line.
+/// `X-Request-Id`, one access-log line and, for a refused mutation, its
+/// `rejected` audit record.
 pub async fn handle(
-    state: &State,
+    state: &Arc<State>,
     client: SocketAddr,
     req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
@@ -47,6 +85,9 @@ pub async fn handle(
         request_id: ids::request_id(req.headers()),
         client,
         route: None,
+        sub_user_id: None,
+        request: None,
+        stage: Stage::Routing,
         upstream_ms: None,
         bytes_in: 0,
     };
@@ -66,6 +107,14 @@ pub async fn handle(
         Ok(resp) => (resp, None),
         Err(err) => {
             let reason = err.reason();
+            if ex.stage == Stage::Examined {
+                // Not waited for: a refusal is answered at once.
+                state.audit.append(Record {
+                    reason: Some(reason.to_owned()),
+                    request: ex.request.take(),
+                    ..ex.record(Event::Rejected)
+                });
+            }
             (err.into_response(), Some(reason))
         }
     };
@@ -110,33 +159,37 @@ pub async fn handle(
 }
 
 /// The stages. Nothing reaches `forward` that was not routed, read,
-/// validated, admitted by the rate limit and the residue rule first.
+/// validated, admitted by the rate limit and the residue rule, and durably
+/// recorded first.
 async fn update(
-    state: &State,
-    live: &Live,
+    state: &Arc<State>,
+    live: &Arc<Live>,
     ex: &mut Exchange,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Error> {
     // Only the one known route with canonical ids; 404/405 otherwise.
     let route = router::route(req.method(), req.uri())?;
     ex.route = Some(route);
+    ex.stage = Stage::Examined;
     let (parts, incoming) = req.into_parts();
 
     // Media type, size, one JSON object: 415/413/400. The body must arrive
     // within the header timeout too, or a slow sender holds a slot forever.
     let limits = &live.config.limits;
-    let body = tokio::time::timeout(
+    let JsonBody { bytes, object } = tokio::time::timeout(
         limits.header_read_timeout,
         body::read(&parts.headers, incoming, limits.max_body_bytes),
     )
     .await
     .map_err(|_| Error::RequestTimeout)??;
-    ex.bytes_in = body.bytes.len() as u64;
+    ex.bytes_in = bytes.len() as u64;
 
     // The vendor contract, every broken field at once: 422. Later stages
     // read the typed update, never the JSON again.
-    let task = validate::validate(&body.object, live.config.validation.allow_unknown_fields)
-        .map_err(Error::ValidationFailed)?;
+    let task = validate::validate(&object, live.config.validation.allow_unknown_fields);
+    ex.request = Some(Value::Object(object));
+    let task = task.map_err(Error::ValidationFailed)?;
+    ex.sub_user_id = task.sub_user_id;
 
     // Per-user GCRA before anything costs the vendor a call: 429.
     let key = RateKey::new(&live.config.rate_limit.key, route.user_id, task.sub_user_id);
@@ -155,7 +208,7 @@ async fn update(
     // the cache TTL and never older than the last admitted update: 409/422/503.
     let token = state.token.get();
     let list_key = (route.user_id, task.sub_user_id);
-    let _line = match live.config.residue.enabled {
+    let line = match live.config.residue.enabled {
         true => Some(state.residue.lock_line(list_key, task.caller_line_id).await),
         // Without the rule there is no residue to keep consistent.
         false => None,
@@ -166,7 +219,7 @@ async fn update(
         token: &token,
         request_id: &ex.request_id,
     };
-    let _verdict = state
+    let verdict = state
         .residue
         .check(
             &live.config.residue,
@@ -178,37 +231,46 @@ async fn update(
         )
         .await?;
 
-    // Token, header hygiene, URI from the checked ids, timeouts, retry.
-    let upstream = &live.config.upstream;
-    let headers = forward::upstream_headers(&parts.headers, &token, &ex.request_id);
-    let uri = forward::task_uri(upstream, &route)?;
-    let send = |headers| {
-        let (uri, bytes) = (uri.clone(), body.bytes.clone());
-        forward::send(
-            &live.client,
-            upstream,
-            http::Method::PUT,
-            uri,
-            headers,
-            bytes,
-        )
+    // The attempt is on disk before a byte goes to the vendor: 503 if not.
+    let (residue, note) = match verdict {
+        Verdict::Checked { residue } => (Some(residue), None),
+        Verdict::Disabled => (None, Some("residue rule disabled")),
+        Verdict::UnavailableAllowed => (
+            None,
+            Some("caller line list unavailable; forwarded by residue.on_unavailable = allow"),
+        ),
     };
-    let mut answer = send(headers).await;
-    // A 401 may mean the token file was rotated under us. The vendor applied
-    // nothing it refused, so re-read the file and try once more.
-    if matches!(&answer, Ok(a) if a.status == http::StatusCode::UNAUTHORIZED)
-        && let Some(fresh) = state.token.refresh()
-    {
-        answer = send(forward::upstream_headers(
-            &parts.headers,
-            &fresh,
-            &ex.request_id,
-        ))
-        .await;
+    let attempt = Record {
+        residue,
+        note: note.map(str::to_owned),
+        request: ex.request.take(),
+        ..ex.record(Event::Attempt)
+    };
+    if let Err(e) = state.audit.append_durable(attempt).await {
+        tracing::error!(cause = %e, request_id = %ex.request_id, "audit attempt not durable; refusing");
+        return Err(Error::AuditUnavailable);
     }
-    // Whatever the outcome, the vendor may have applied it: re-read the list.
-    state.residue.invalidate(list_key);
-    let answer = state.metrics.observe_upstream(answer)?;
+    ex.stage = Stage::Attempted;
+
+    // From here the vendor may see the update. The forward, its outcome
+    // record and the cache invalidation run in their own task so they finish
+    // even if the caller goes away mid-request.
+    let job = Forward {
+        state: state.clone(),
+        live: live.clone(),
+        route,
+        client_headers: parts.headers,
+        bytes,
+        token,
+        outcome: ex.record(Event::Outcome),
+        list_key,
+        line,
+    };
+    let answer = tokio::spawn(job.run())
+        .await
+        .map_err(|_| Error::UpstreamUnreachable {
+            detail: "forwarding task failed",
+        })??;
     ex.upstream_ms = Some(ms(answer.upstream_time));
 
     // The vendor's status, Content-Type and body, unchanged.
@@ -221,6 +283,104 @@ async fn update(
     h.insert("ratelimit-limit", HeaderValue::from(limit));
     h.insert("ratelimit-remaining", HeaderValue::from(remaining));
     Ok(resp)
+}
+
+/// Everything the forward stage needs, owned, so it can outlive the request.
+struct Forward {
+    state: Arc<State>,
+    live: Arc<Live>,
+    route: TaskRoute,
+    client_headers: http::HeaderMap,
+    bytes: Bytes,
+    token: Token,
+    outcome: Record,
+    list_key: residue::ListKey,
+    /// Released (by drop) only after the cache entry is gone.
+    line: Option<residue::LineGuard>,
+}
+
+impl Forward {
+    async fn run(self) -> Result<forward::Forwarded, Error> {
+        let Forward {
+            state,
+            live,
+            route,
+            client_headers,
+            bytes,
+            token,
+            outcome,
+            list_key,
+            line,
+        } = self;
+        let started = Instant::now();
+        // Token, header hygiene, URI from the checked ids, timeouts, retry.
+        let upstream = &live.config.upstream;
+        let uri = forward::task_uri(upstream, &route)?;
+        let request_id = outcome.request_id.clone();
+        let send = |token: &Token| {
+            let headers = forward::upstream_headers(&client_headers, token, &request_id);
+            forward::send(
+                &live.client,
+                upstream,
+                http::Method::PUT,
+                uri.clone(),
+                headers,
+                bytes.clone(),
+            )
+        };
+        let mut answer = send(&token).await;
+        // A 401 may mean the token file was rotated under us. The vendor
+        // applied nothing it refused, so re-read the file and try once more.
+        if matches!(&answer, Ok(a) if a.status == http::StatusCode::UNAUTHORIZED)
+            && let Some(fresh) = state.token.refresh()
+        {
+            answer = send(&fresh).await;
+        }
+        // Whatever the outcome, the vendor may have applied it: re-read the list.
+        state.residue.invalidate(list_key);
+        drop(line);
+
+        let record = match &answer {
+            Ok(a) => {
+                let (code, message) = vendor_envelope(&a.body);
+                Record {
+                    upstream_status: Some(a.status.as_u16()),
+                    upstream_code: code,
+                    upstream_message: message,
+                    latency_ms: Some(ms(a.upstream_time)),
+                    ..outcome
+                }
+            }
+            Err(e) => Record {
+                reason: Some(e.reason().to_owned()),
+                latency_ms: Some(ms(started.elapsed())),
+                ..outcome
+            },
+        };
+        state.audit.append(record);
+        state.metrics.observe_upstream(answer)
+    }
+}
+
+/// `code` and `message` when the vendor answered its usual envelope.
+fn vendor_envelope(body: &[u8]) -> (Option<i64>, Option<String>) {
+    #[derive(serde::Deserialize)]
+    struct Envelope {
+        code: Option<Value>,
+        message: Option<Value>,
+    }
+    let Ok(env) = serde_json::from_slice::<Envelope>(body) else {
+        return (None, None);
+    };
+    let code = env.code.and_then(|c| match c {
+        Value::Number(n) => n.as_i64(),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    });
+    let message = env
+        .message
+        .and_then(|m| m.as_str().map(|s| truncate(s, 1024).to_owned()));
+    (code, message)
 }
 
 /// Counts a request in `inflight` for as long as it lives.

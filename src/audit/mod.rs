@@ -1,0 +1,197 @@
+//! The audit log: a durable, tamper-evident JSON Lines record of every mutation
+//! (DESIGN.md "Audit log"), written by one group-committing writer thread and
+//! checked by [`verify`].
+//!
+//! # Layout
+//!
+//! - `record.rs` — [`Record`] (what the pipeline knows), the line format and the
+//!   hash chain's canonical bytes, shared by the writer and `verify`.
+//! - `writer.rs` — [`AuditLog`] (the cheap handle), [`AuditWriterTask`] (the
+//!   thread, owned by the app), resume at start-up, rotation, recovery.
+//! - `verify.rs` — [`verify`] for `taskgate audit verify FILE...`.
+//!
+//! # Using it
+//!
+//! [`AuditLog::start`] at start-up (it never fails: an unwritable log starts
+//! "not writable" and recovers by itself); `append_durable(Record::attempt(..))`
+//! before forwarding, answering 503 `audit_unavailable` on `Err`;
+//! `append(Record::outcome(..))` / `append(Record::rejected(..))` afterwards,
+//! which never wait; [`AuditLog::is_writable`] for readyz; and
+//! [`AuditWriterTask::shutdown`] after the listeners have drained.
+//!
+//! # Format and hash chain
+//!
+//! The audit log is JSON Lines: one record per line, members always present and
+//! always in this order — `seq`, `ts`, `event`, `request_id`, `client`,
+//! `user_id`, `sub_user_id`, `task_id`, `reason`, `note`, `request`, `residue`,
+//! `upstream_status`, `upstream_code`, `upstream_message`, `latency_ms`,
+//! `prev`, `hash` — with `null` for what does not apply. `seq` starts at 1 and
+//! increases by exactly 1 per record, across restarts and rotations. `ts` is
+//! RFC 3339 UTC with milliseconds (`2026-11-24T06:49:26.123Z`); `event` is
+//! `attempt`, `outcome` or `rejected`; `request` is the parsed request body;
+//! `latency_ms` is fractional milliseconds. Strings are JSON-escaped, so a
+//! record never contains a raw newline.
+//!
+//! Each line ends with `,"hash":"<64 lowercase hex>"}`. The hash is
+//! `hex(SHA-256(prev || line_without_hash))`, where `prev` is the 64 ASCII hex
+//! digits of the previous record's `hash` (64 zeros, `GENESIS_PREV`, for
+//! seq 1), and `line_without_hash` is the exact bytes of the line with the
+//! trailing `,"hash":"…"` member removed — the line up to the `prev` member's
+//! closing quote, then `}`. Hashing the written bytes rather than a
+//! re-serialisation makes the check independent of any JSON library: to verify
+//! a line, check its ending, cut the last 75 bytes (`,"hash":"`, 64 digits,
+//! `"}`), append `}`, prefix the previous hash and compare the SHA-256. Since
+//! every record names its predecessor's hash, editing, deleting, inserting or
+//! reordering any record breaks the chain at that point. (Without a copy of
+//! the newest hash kept elsewhere, nothing can show that records were cut off
+//! the end, or that the chain was rewritten from some point on.)
+//!
+//! # Rotation
+//!
+//! When a write would take the active file past `audit.max_bytes` (0: never
+//! rotate), the file is renamed after the last `seq` it holds, zero-padded to
+//! 20 digits and placed before the extension —
+//! `taskgate-audit.jsonl` becomes `taskgate-audit.00000000000000004711.jsonl` —
+//! and a new active file is started. The chain simply continues: the first
+//! record of the new file has the last hash of the old one as `prev`. Rotated
+//! names sort (as text and as numbers) in chronological order and before the
+//! active file, so `taskgate audit verify taskgate-audit*.jsonl` checks the
+//! whole log in order. taskgate never deletes rotated files; archive or remove
+//! the oldest ones as you wish: verifying a tail works (see below).
+//!
+//! # Durability and failures
+//!
+//! `fsync = "always"` (default): an `attempt` is acknowledged only after its
+//! line is written and `fdatasync`ed; all records queued meanwhile share one
+//! write and one sync (group commit). `"interval"`: attempts are acknowledged
+//! once written to the OS and the file is synced at most a second later;
+//! `"never"`: written to the OS only, synced at shutdown. `outcome` and `rejected` records never wait for the disk.
+//!
+//! If a write or sync fails, the file is truncated back to its last good
+//! length, `seq` and `prev` do not advance, waiting attempts get an error (the
+//! gateway answers 503 and forwards nothing), unacknowledged records are
+//! dropped and counted, and the log is "not writable" (readyz fails) until the
+//! writer re-opens it, which it tries every second. A log that cannot be opened
+//! at start-up does not stop start-up; it is treated the same way. (Should the
+//! truncation fail too, the re-open resumes after whatever complete records the
+//! file holds, so an `attempt` whose caller got an error may remain: an
+//! `attempt` without an `outcome` means "not known to have been forwarded".)
+//! An advisory lock (`flock`) on the active file keeps a second process from
+//! writing to the same log: it stays "not writable".
+//!
+//! On start the writer resumes `seq` and the chain from the last complete
+//! record — in the active file, or in the newest rotated file if the active one
+//! is missing or empty. A torn final line (a crash mid-write: no trailing
+//! newline, or not a complete record) is reported and left in place; the next
+//! write starts on a new line, and the next record's `prev` links to the last
+//! complete record before the torn line.
+//!
+//! # Verifying
+//!
+//! `verify` reads the files in the order given and checks, for every record,
+//! its hash, that `prev` is the previous record's hash and that `seq` is the
+//! previous `seq` plus one, naming the first record that fails (file, line,
+//! seq, problem). The first record is the anchor: if its `seq` is 1 its `prev`
+//! must be 64 zeros; otherwise its `prev` is taken as given, so a tail of the
+//! log can be verified alone — the report's `first_seq` says where the checked
+//! range starts. A line that is not a complete record is counted as torn and
+//! skipped, and passes only if the next record links to the record before it;
+//! an unreadable last line passes only if it has no trailing newline (a torn
+//! write never has one).
+
+mod record;
+mod verify;
+mod writer;
+
+#[cfg(test)]
+mod tests;
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use record::{Event, GENESIS_PREV, Record};
+pub use verify::{Location, Problem, VerifyError, VerifyReport, verify};
+pub use writer::{
+    AuditLog, AuditWriterTask, QUEUE_CAPACITY, RETRY_INTERVAL, SYNC_INTERVAL, audit_files,
+    rotated_path,
+};
+
+/// `audit.max_bytes` default: 100 MiB.
+pub const DEFAULT_MAX_BYTES: u64 = 104_857_600;
+
+/// `audit.fsync`. Deserialises from `"always"`, `"interval"`, `"never"`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FsyncPolicy {
+    /// Attempts wait for `fdatasync` (group commit).
+    #[default]
+    Always,
+    /// Attempts wait for the write; the writer syncs once a second.
+    Interval,
+    /// Attempts wait for the write; synced only at shutdown.
+    Never,
+}
+
+/// The `[audit]` section, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditConfig {
+    /// The active file; rotated files go next to it. Its directory is not created.
+    pub path: PathBuf,
+    pub fsync: FsyncPolicy,
+    /// Rotate before the active file would grow past this; 0 disables rotation.
+    pub max_bytes: u64,
+}
+
+impl AuditConfig {
+    /// `path` with the default policy (`always`) and size (100 MiB).
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        AuditConfig {
+            path: path.into(),
+            fsync: FsyncPolicy::Always,
+            max_bytes: DEFAULT_MAX_BYTES,
+        }
+    }
+}
+
+/// Why a record was not (durably) written. Every variant means "do not forward".
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AuditError {
+    /// The log could not be opened or its last write failed; the writer retries.
+    #[error("audit log is not writable")]
+    NotWritable,
+    /// Writing or syncing this record failed (it was not kept).
+    #[error("audit write failed: {0}")]
+    Write(Arc<io::Error>),
+    #[error("audit record could not be serialised: {0}")]
+    Encode(String),
+    /// The writer has shut down.
+    #[error("audit writer has stopped")]
+    Closed,
+    #[error("audit writer thread panicked")]
+    WriterPanicked,
+}
+
+/// Metrics hooks, called from the writer thread (and `record_dropped` also from
+/// `append`): keep them cheap and non-blocking.
+pub trait AuditObserver: Send + Sync + 'static {
+    /// A record reached the file (synced, with `fsync = "always"`).
+    fn record_written(&self, _event: Event) {}
+    /// One fsync finished (group commit, interval, rotation or shutdown).
+    fn fsync_done(&self, _elapsed: Duration) {}
+    /// A record queued with `append` was not written (log not writable, queue
+    /// full, write failed). Failed `append_durable` calls are not counted here:
+    /// their callers get the error.
+    fn record_dropped(&self, _event: Event) {}
+    /// A torn line was found at the end of the log at start-up or re-open.
+    fn torn_line(&self) {}
+}
+
+/// Observes nothing.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoopObserver;
+
+impl AuditObserver for NoopObserver {}

@@ -1,0 +1,365 @@
+//! One audit record: what the pipeline supplies ([`Record`]), the line the writer
+//! makes of it, and the hash chain's canonical bytes. This is the only file that
+//! knows the line format; the writer and `verify` both go through it.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+use time::format_description::BorrowedFormatItem;
+use time::macros::format_description;
+
+/// `prev` of the first record of a log (seq 1): 64 zeros.
+pub const GENESIS_PREV: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// A SHA-256 digest as 64 lowercase ASCII hex digits, the form it takes in the
+/// line and in the hash input.
+pub(crate) type HexHash = [u8; 64];
+pub(crate) const GENESIS: HexHash = [b'0'; 64];
+
+/// The member every line ends with: `,"hash":"<64 hex>"}`.
+const HASH_MEMBER: &[u8] = b",\"hash\":\"";
+const SUFFIX_LEN: usize = HASH_MEMBER.len() + 64 + 2;
+
+/// `ts`: RFC 3339, UTC, milliseconds, e.g. `2026-11-24T06:49:26.123Z`.
+const TS_FORMAT: &[BorrowedFormatItem<'static>] =
+    format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
+
+/// What a record is about. Serialised lower-case (`"attempt"`, ...).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Event {
+    /// Written and made durable before the request is forwarded.
+    Attempt,
+    /// After the vendor answered or the forward failed.
+    Outcome,
+    /// A mutation refused before forwarding (validation, rate limit, residue, ...).
+    Rejected,
+}
+
+impl Event {
+    /// The serialised name, also handy as a metrics label.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Event::Attempt => "attempt",
+            Event::Outcome => "outcome",
+            Event::Rejected => "rejected",
+        }
+    }
+}
+
+/// What the pipeline knows about one event; the writer adds `seq`, `ts`, `prev`
+/// and `hash`. Build one with [`Record::attempt`], [`Record::outcome`] or
+/// [`Record::rejected`] and struct-update syntax:
+/// `Record { user_id: Some(id), ..Record::attempt(request_id) }`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    pub event: Event,
+    pub request_id: String,
+    /// Peer address of the caller.
+    pub client: Option<String>,
+    pub user_id: Option<String>,
+    pub sub_user_id: Option<String>,
+    pub task_id: Option<String>,
+    /// Why a mutation was rejected (`rejected`), or why a forward failed (`outcome`).
+    pub reason: Option<String>,
+    /// Anything else the operator should know, e.g. `"residue check disabled"` or
+    /// `"residue unavailable, allowed by config"` on an `attempt`.
+    pub note: Option<String>,
+    /// The parsed request body, when it parsed.
+    pub request: Option<Value>,
+    /// The `residue` the request was checked against, when it was checked.
+    pub residue: Option<i64>,
+    pub upstream_status: Option<u16>,
+    /// `code` of the vendor's envelope, when the body was one.
+    pub upstream_code: Option<i64>,
+    /// `message` of the vendor's envelope, when the body was one.
+    pub upstream_message: Option<String>,
+    /// Time spent forwarding, in milliseconds (fractional: the budget is in µs).
+    pub latency_ms: Option<f64>,
+}
+
+impl Record {
+    /// A record of `event` with every optional field absent.
+    pub fn new(event: Event, request_id: impl Into<String>) -> Self {
+        Record {
+            event,
+            request_id: request_id.into(),
+            client: None,
+            user_id: None,
+            sub_user_id: None,
+            task_id: None,
+            reason: None,
+            note: None,
+            request: None,
+            residue: None,
+            upstream_status: None,
+            upstream_code: None,
+            upstream_message: None,
+            latency_ms: None,
+        }
+    }
+
+    pub fn attempt(request_id: impl Into<String>) -> Self {
+        Self::new(Event::Attempt, request_id)
+    }
+
+    pub fn outcome(request_id: impl Into<String>) -> Self {
+        Self::new(Event::Outcome, request_id)
+    }
+
+    pub fn rejected(request_id: impl Into<String>, reason: impl Into<String>) -> Self {
+        Record {
+            reason: Some(reason.into()),
+            ..Self::new(Event::Rejected, request_id)
+        }
+    }
+}
+
+/// The line without its `hash` member, in the documented field order (serde
+/// serialises struct fields in declaration order). Absent values are `null`, so
+/// every line has the same members in the same order.
+#[derive(Serialize)]
+struct Line<'a> {
+    seq: u64,
+    ts: &'a str,
+    event: Event,
+    request_id: &'a str,
+    client: Option<&'a str>,
+    user_id: Option<&'a str>,
+    sub_user_id: Option<&'a str>,
+    task_id: Option<&'a str>,
+    reason: Option<&'a str>,
+    note: Option<&'a str>,
+    request: Option<&'a Value>,
+    residue: Option<i64>,
+    upstream_status: Option<u16>,
+    upstream_code: Option<i64>,
+    upstream_message: Option<&'a str>,
+    latency_ms: Option<f64>,
+    prev: &'a str,
+}
+
+pub(crate) fn hex_str(h: &HexHash) -> &str {
+    std::str::from_utf8(h).expect("a HexHash holds only ASCII hex digits")
+}
+
+/// `ts` for `now`.
+pub(crate) fn timestamp(now: OffsetDateTime) -> String {
+    // Formatting fails only for years outside 0..=9999; a clock that far off is
+    // recorded as an obviously wrong time rather than losing the record.
+    now.format(TS_FORMAT)
+        .unwrap_or_else(|_| String::from("0000-01-01T00:00:00.000Z"))
+}
+
+/// Appends the line for `rec` (with its trailing `\n`) to `buf` and returns its
+/// hash, the next record's `prev`. On error `buf` is left as it was.
+pub(crate) fn encode_line(
+    buf: &mut Vec<u8>,
+    seq: u64,
+    ts: &str,
+    rec: &Record,
+    prev: &HexHash,
+) -> Result<HexHash, serde_json::Error> {
+    let start = buf.len();
+    let line = Line {
+        seq,
+        ts,
+        event: rec.event,
+        request_id: &rec.request_id,
+        client: rec.client.as_deref(),
+        user_id: rec.user_id.as_deref(),
+        sub_user_id: rec.sub_user_id.as_deref(),
+        task_id: rec.task_id.as_deref(),
+        reason: rec.reason.as_deref(),
+        note: rec.note.as_deref(),
+        request: rec.request.as_ref(),
+        residue: rec.residue,
+        upstream_status: rec.upstream_status,
+        upstream_code: rec.upstream_code,
+        upstream_message: rec.upstream_message.as_deref(),
+        latency_ms: rec.latency_ms,
+        prev: hex_str(prev),
+    };
+    if let Err(e) = serde_json::to_writer(&mut *buf, &line) {
+        buf.truncate(start);
+        return Err(e);
+    }
+    let hash = chain_hash(prev, &buf[start..], b"");
+    // The object ends with `}`; the hash member goes in front of it, last.
+    let closing = buf.pop();
+    debug_assert_eq!(closing, Some(b'}'));
+    buf.extend_from_slice(HASH_MEMBER);
+    buf.extend_from_slice(&hash);
+    buf.extend_from_slice(b"\"}\n");
+    Ok(hash)
+}
+
+/// hex(SHA-256(prev_hex || body || tail)); `body || tail` is the line without its
+/// hash member (the verifier passes the closing `}` as `tail` to avoid a copy).
+fn chain_hash(prev: &[u8], body: &[u8], tail: &[u8]) -> HexHash {
+    let mut h = Sha256::new();
+    h.update(prev);
+    h.update(body);
+    h.update(tail);
+    let mut out = [0u8; 64];
+    hex::encode_to_slice(h.finalize(), &mut out)
+        .expect("a 32-byte digest is exactly 64 hex digits");
+    out
+}
+
+/// What one line (without its `\n`) turned out to be.
+#[derive(Debug)]
+pub(crate) enum Parsed {
+    Record(LineInfo),
+    /// Not a complete record: a torn write, or something else; says why.
+    Unreadable(String),
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LineInfo {
+    pub seq: u64,
+    pub prev: HexHash,
+    pub hash: HexHash,
+    /// Whether `hash` matches the line's contents.
+    pub hash_ok: bool,
+}
+
+fn is_lower_hex(b: &u8) -> bool {
+    matches!(b, b'0'..=b'9' | b'a'..=b'f')
+}
+
+pub(crate) fn parse_line(line: &[u8]) -> Parsed {
+    if line.len() <= SUFFIX_LEN {
+        return Parsed::Unreadable("too short to be a record".into());
+    }
+    let (body, suffix) = line.split_at(line.len() - SUFFIX_LEN);
+    let (member, rest) = suffix.split_at(HASH_MEMBER.len());
+    let (digits, close) = rest.split_at(64);
+    if member != HASH_MEMBER || close != b"\"}" || !digits.iter().all(is_lower_hex) {
+        return Parsed::Unreadable("does not end with the `hash` member".into());
+    }
+
+    // The whole line must be one JSON object; serde rejects duplicate `seq`/`prev`.
+    #[derive(Deserialize)]
+    struct Head {
+        seq: u64,
+        prev: String,
+    }
+    let head: Head = match serde_json::from_slice(line) {
+        Ok(h) => h,
+        Err(e) => return Parsed::Unreadable(format!("not JSON: {e}")),
+    };
+    let prev: HexHash = match <HexHash>::try_from(head.prev.as_bytes()) {
+        Ok(p) if p.iter().all(is_lower_hex) => p,
+        _ => return Parsed::Unreadable("`prev` is not 64 lowercase hex digits".into()),
+    };
+    let hash: HexHash = digits.try_into().expect("split_at(64) gave 64 bytes");
+    let hash_ok = chain_hash(&prev, body, b"}") == hash;
+    Parsed::Record(LineInfo {
+        seq: head.seq,
+        prev,
+        hash,
+        hash_ok,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn line_for(rec: &Record, seq: u64, prev: &HexHash) -> (Vec<u8>, HexHash) {
+        let mut buf = Vec::new();
+        let hash = encode_line(&mut buf, seq, "2026-11-24T06:49:26.123Z", rec, prev).unwrap();
+        (buf, hash)
+    }
+
+    #[test]
+    fn line_has_fixed_member_order_nulls_and_hash_last() {
+        let rec = Record {
+            user_id: Some("u1".into()),
+            request: Some(json!({"name": "x\ny", "maximumcall": 3})),
+            latency_ms: Some(1.5),
+            ..Record::attempt("req-1")
+        };
+        let (line, hash) = line_for(&rec, 1, &GENESIS);
+        let text = std::str::from_utf8(&line).unwrap();
+        assert!(text.ends_with(&format!(",\"hash\":\"{}\"}}\n", hex_str(&hash))));
+        assert_eq!(text.matches('\n').count(), 1, "control chars are escaped");
+        let keys = [
+            "seq",
+            "ts",
+            "event",
+            "request_id",
+            "client",
+            "user_id",
+            "sub_user_id",
+            "task_id",
+            "reason",
+            "note",
+            "request",
+            "residue",
+            "upstream_status",
+            "upstream_code",
+            "upstream_message",
+            "latency_ms",
+            "prev",
+            "hash",
+        ];
+        let mut at = 0;
+        for k in keys {
+            let pos = text[at..]
+                .find(&format!("\"{k}\":"))
+                .unwrap_or_else(|| panic!("{k}"));
+            at += pos;
+        }
+        assert!(
+            text.starts_with(
+                "{\"seq\":1,\"ts\":\"2026-11-24T06:49:26.123Z\",\"event\":\"attempt\""
+            )
+        );
+        assert!(text.contains("\"client\":null"));
+        assert!(text.contains(&format!("\"prev\":\"{GENESIS_PREV}\"")));
+    }
+
+    #[test]
+    fn hash_is_sha256_of_prev_and_line_without_hash_member() {
+        let (line, hash) = line_for(&Record::outcome("r"), 7, &[b'a'; 64]);
+        let line = &line[..line.len() - 1];
+        let without = [&line[..line.len() - SUFFIX_LEN], b"}"].concat();
+        let mut input = vec![b'a'; 64];
+        input.extend_from_slice(&without);
+        assert_eq!(hex::encode(Sha256::digest(&input)).as_bytes(), &hash);
+        match parse_line(line) {
+            Parsed::Record(info) => {
+                assert_eq!(info.seq, 7);
+                assert!(info.hash_ok);
+                assert_eq!(info.hash, hash);
+                assert_eq!(info.prev, [b'a'; 64]);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn parse_classifies_torn_and_edited_lines() {
+        let (line, _) = line_for(&Record::rejected("r", "rate_limited"), 2, &GENESIS);
+        let line = &line[..line.len() - 1];
+        assert!(matches!(parse_line(&line[..40]), Parsed::Unreadable(_)));
+        assert!(matches!(parse_line(b""), Parsed::Unreadable(_)));
+        let edited = String::from_utf8(line.to_vec())
+            .unwrap()
+            .replace("rate_limited", "rate_limitex");
+        match parse_line(edited.as_bytes()) {
+            Parsed::Record(info) => assert!(!info.hash_ok),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn timestamp_is_rfc3339_utc_millis() {
+        let t = time::macros::datetime!(2026-11-24 06:49:26.123456 UTC);
+        assert_eq!(timestamp(t), "2026-11-24T06:49:26.123Z");
+    }
+}
