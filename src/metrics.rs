@@ -168,6 +168,33 @@ impl Metrics {
     }
 }
 
+/// The audit writer reports through these hooks (from its own thread).
+impl crate::audit::AuditObserver for Metrics {
+    fn record_written(&self, event: crate::audit::Event) {
+        self.audit_records
+            .get_or_create(&EventLabel {
+                event: event.as_str(),
+            })
+            .inc();
+    }
+
+    fn fsync_done(&self, elapsed: std::time::Duration) {
+        self.audit_fsync.observe(elapsed.as_secs_f64());
+    }
+
+    fn record_dropped(&self, event: crate::audit::Event) {
+        self.audit_dropped
+            .get_or_create(&EventLabel {
+                event: event.as_str(),
+            })
+            .inc();
+    }
+
+    fn torn_line(&self) {
+        self.audit_torn_lines.inc();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,32 +232,5 @@ mod tests {
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }
-    }
-}
-
-/// The audit writer reports through these hooks (from its own thread).
-impl crate::audit::AuditObserver for Metrics {
-    fn record_written(&self, event: crate::audit::Event) {
-        self.audit_records
-            .get_or_create(&EventLabel {
-                event: event.as_str(),
-            })
-            .inc();
-    }
-
-    fn fsync_done(&self, elapsed: std::time::Duration) {
-        self.audit_fsync.observe(elapsed.as_secs_f64());
-    }
-
-    fn record_dropped(&self, event: crate::audit::Event) {
-        self.audit_dropped
-            .get_or_create(&EventLabel {
-                event: event.as_str(),
-            })
-            .inc();
-    }
-
-    fn torn_line(&self) {
-        self.audit_torn_lines.inc();
     }
 }
