@@ -35,6 +35,11 @@ pub enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Audit-log tools.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Run the vendor emulator (for local trials, tests and benchmarks).
     MockUpstream {
         #[arg(long, default_value = "127.0.0.1:9080")]
@@ -59,6 +64,16 @@ pub enum Command {
     },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Check the hash chain of audit files, given oldest first (rotated files,
+    /// then the active one: `taskgate audit verify taskgate-audit*.jsonl`).
+    Verify {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
 /// Exit code for a configuration error (EX_CONFIG in sysexits.h).
 const EXIT_CONFIG: u8 = 78;
 
@@ -66,6 +81,9 @@ pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Serve { config } => serve(config),
         Command::Check { config } => check(config),
+        Command::Audit {
+            command: AuditCommand::Verify { files },
+        } => audit_verify(&files),
         Command::MockUpstream {
             listen,
             lines,
@@ -120,6 +138,42 @@ fn check(path: PathBuf) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => fail(EXIT_CONFIG, e),
+    }
+}
+
+/// Exit 0 with the count verified, 1 naming the first bad record, 2 when a
+/// file cannot be read.
+fn audit_verify(files: &[PathBuf]) -> ExitCode {
+    match crate::audit::verify(files) {
+        Ok(report) => {
+            println!(
+                "ok: {} records verified (seq {}..={}){}; last hash {}",
+                report.records,
+                report.first_seq.unwrap_or(0),
+                report.last_seq.unwrap_or(0),
+                if report.torn > 0 {
+                    format!(
+                        ", {} torn line(s) skipped at {}",
+                        report.torn,
+                        report
+                            .torn_lines
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                } else {
+                    String::new()
+                },
+                report.last_hash.as_deref().unwrap_or("-"),
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e @ crate::audit::VerifyError::Io { .. }) => fail(2, e),
+        Err(e) => {
+            println!("broken: {e}");
+            ExitCode::from(1)
+        }
     }
 }
 

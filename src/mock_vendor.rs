@@ -213,9 +213,19 @@ impl MockVendor {
 
     /// Waits until at least `n` requests have arrived (event-driven, no polling).
     pub async fn wait_for_requests(&self, n: usize) {
+        self.wait_until(|r| r.len() >= n).await;
+    }
+
+    /// Waits until at least `n` task-update PUTs have arrived.
+    pub async fn wait_for_updates(&self, n: usize) {
+        self.wait_until(|r| r.iter().filter(|r| r.method == Method::PUT).count() >= n)
+            .await;
+    }
+
+    async fn wait_until(&self, done: impl Fn(&[Recorded]) -> bool) {
         loop {
             let notified = self.shared.arrived.notified();
-            if lock(&self.shared.recorded).len() >= n {
+            if done(&lock(&self.shared.recorded)) {
                 return;
             }
             notified.await;

@@ -84,7 +84,7 @@ async fn metrics_move_as_requests_pass_and_fail() {
 #[tokio::test]
 async fn sigterm_lets_the_request_in_flight_finish_then_exits_0() {
     let vendor = vendor().await;
-    let gw = Gateway::builder(&vendor.url())
+    let mut gw = Gateway::builder(&vendor.url())
         .toml("[residue]\nenabled = false")
         .start()
         .await;

@@ -222,6 +222,26 @@ impl Gateway {
         Gateway::builder(upstream).start().await
     }
 
+    /// The audit log this gateway writes (in its temp dir unless overridden).
+    pub fn audit_path(&self) -> PathBuf {
+        self.dir.path().join("audit.jsonl")
+    }
+
+    /// The audit file's records, parsed (torn lines skipped).
+    pub fn audit_records(&self, path: &std::path::Path) -> Vec<Value> {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// SIGTERM, then wait for exit 0: every log is flushed afterwards.
+    pub async fn stop(&mut self) {
+        self.signal("TERM");
+        assert_eq!(self.wait_exit().await, Some(0), "clean exit");
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
@@ -283,7 +303,7 @@ impl Gateway {
     }
 
     /// Waits (bounded) for the process to exit and returns its exit code.
-    pub async fn wait_exit(mut self) -> Option<i32> {
+    pub async fn wait_exit(&mut self) -> Option<i32> {
         let mut child = self.child.take().expect("running");
         let pid = child.id();
         let waited = tokio::time::timeout(
@@ -380,22 +400,37 @@ pub async fn send(
     headers: &[(&str, &str)],
     body: impl Into<Bytes>,
 ) -> Resp {
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        try_send(method, url, headers, body),
+    )
+    .await
+    .expect("gateway answers within 30 s")
+    .expect("request succeeds")
+}
+
+/// Like `send`, but a connection failure is a value, not a panic.
+pub async fn try_send(
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Result<Resp, String> {
     let mut req = Request::builder().method(method).uri(url);
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    let req = req.body(Full::new(body.into())).expect("request builds");
-    let resp = tokio::time::timeout(Duration::from_secs(30), client().request(req))
-        .await
-        .expect("gateway answers within 30 s")
-        .expect("request succeeds");
+    let req = req
+        .body(Full::new(body.into()))
+        .map_err(|e| e.to_string())?;
+    let resp = client().request(req).await.map_err(|e| e.to_string())?;
     let (parts, body) = resp.into_parts();
-    let body = body.collect().await.expect("body reads").to_bytes();
-    Resp {
+    let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok(Resp {
         status: parts.status,
         headers: parts.headers,
         body,
-    }
+    })
 }
 
 /// A JSON PUT to `path` on the gateway.
