@@ -101,13 +101,18 @@ async fn lookup_failure_is_503_or_forwarded_when_allowed() {
     assert_eq!(resp.reason(), "residue_unavailable");
     drop(gw);
 
-    let gw = Gateway::builder(&vendor.url())
+    let mut gw = Gateway::builder(&vendor.url())
         .toml("[residue]\non_unavailable = \"allow\"")
         .start()
         .await;
     let resp = put(&gw, &example_path(), EXAMPLE_BODY).await;
     assert_eq!(resp.status, 200);
     assert_eq!(vendor.updates().len(), 1);
+    gw.stop().await;
+    let records = gw.audit_records(&gw.audit_path());
+    let attempt = records.iter().find(|r| r["event"] == "attempt").unwrap();
+    assert!(attempt["note"].as_str().unwrap().contains("unavailable"), "{attempt}");
+    assert!(attempt["residue"].is_null());
 }
 
 #[tokio::test]
@@ -137,13 +142,17 @@ async fn residue_as_numeric_string_and_meta_location_are_understood() {
 #[tokio::test]
 async fn disabled_rule_forwards_without_lookup() {
     let vendor = vendor().await;
-    let gw = Gateway::builder(&vendor.url())
+    let mut gw = Gateway::builder(&vendor.url())
         .toml("[residue]\nenabled = false")
         .start()
         .await;
     let resp = put(&gw, &example_path(), &body_with(99, &random_uuid())).await;
     assert_eq!(resp.status, 200);
     assert!(vendor.inits().is_empty());
+    gw.stop().await;
+    let records = gw.audit_records(&gw.audit_path());
+    let attempt = records.iter().find(|r| r["event"] == "attempt").unwrap();
+    assert!(attempt["note"].as_str().unwrap().contains("disabled"), "{attempt}");
 }
 
 #[tokio::test]
