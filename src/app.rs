@@ -7,7 +7,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -45,8 +45,11 @@ pub struct State {
     pub audit: AuditLog,
     pub metrics: Arc<Metrics>,
     pub residue: ResidueGate,
-    /// Requests being handled, against `limits.max_inflight`.
+    /// Requests being handled, against `limits.max_inflight`. Requests run
+    /// in their own tasks, so shutdown waits for this to reach 0 (`idle`)
+    /// rather than only for connections to close.
     pub inflight: AtomicUsize,
+    pub idle: tokio::sync::Notify,
     /// The file SIGHUP re-reads; `None` when started without one.
     pub config_path: Option<PathBuf>,
 }
@@ -124,6 +127,7 @@ impl Gateway {
             metrics,
             residue: ResidueGate::default(),
             inflight: AtomicUsize::new(0),
+            idle: tokio::sync::Notify::new(),
             config_path,
         });
         let (stop, stopped) = watch::channel(false);
@@ -133,10 +137,7 @@ impl Gateway {
             data,
             limits.clone(),
             stopped.clone(),
-            move |req, peer| {
-                let state = data_state.clone();
-                async move { pipeline::handle(&state, peer, req).await }
-            },
+            move |req, peer| pipeline::handle(data_state.clone(), peer, req),
         ));
         let admin_state = state.clone();
         let admin_server = tokio::spawn(server::serve(
@@ -179,11 +180,25 @@ impl Gateway {
     /// then flushes the access log.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
+        let grace = self.state.live.load().config.shutdown_grace;
+        let deadline = tokio::time::Instant::now() + grace;
         for task in self.servers.into_iter().chain(self.housekeeping) {
             let _ = task.await;
         }
+        // Requests whose callers hung up still run; let them finish too.
+        let drained = tokio::time::timeout_at(deadline, async {
+            loop {
+                let idle = self.state.idle.notified();
+                if self.state.inflight.load(Ordering::Acquire) == 0 {
+                    break;
+                }
+                idle.await;
+            }
+        });
+        if drained.await.is_err() {
+            tracing::warn!("grace period over with requests still running");
+        }
         // Bounded: a hung disk must not keep the process from exiting.
-        let grace = self.state.live.load().config.shutdown_grace;
         match tokio::time::timeout(grace, self.audit.shutdown()).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::error!(cause = %e, "audit log flush at shutdown failed"),

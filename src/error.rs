@@ -51,6 +51,8 @@ pub enum Error {
     UpstreamUnreachable { detail: &'static str },
     #[error("the vendor did not answer in time")]
     UpstreamTimeout,
+    #[error("internal error")]
+    Internal,
     #[error("unauthorized")]
     Unauthorized,
     #[error("forbidden")]
@@ -76,6 +78,7 @@ impl Error {
             }
             Error::UpstreamUnreachable { .. } => StatusCode::BAD_GATEWAY,
             Error::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Error::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             Error::Unauthorized => StatusCode::UNAUTHORIZED,
             Error::Forbidden => StatusCode::FORBIDDEN,
         }
@@ -99,6 +102,7 @@ impl Error {
             Error::Overloaded => "overloaded",
             Error::UpstreamUnreachable { .. } => "upstream_unreachable",
             Error::UpstreamTimeout => "upstream_timeout",
+            Error::Internal => "internal_error",
             Error::Unauthorized => "unauthorized",
             Error::Forbidden => "forbidden",
         }
@@ -231,6 +235,7 @@ mod tests {
                 "upstream_unreachable",
             ),
             (Error::UpstreamTimeout, 504, "upstream_timeout"),
+            (Error::Internal, 500, "internal_error"),
             (Error::Unauthorized, 401, "unauthorized"),
             (Error::Forbidden, 403, "forbidden"),
         ];

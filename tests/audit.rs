@@ -296,3 +296,35 @@ async fn kill_9_during_updates_loses_no_attempt_and_the_chain_resumes() {
     let (code, out) = verify(&[&path]);
     assert_eq!(code, Some(0), "{out}");
 }
+
+#[tokio::test]
+async fn a_caller_hanging_up_mid_update_still_gets_its_outcome_recorded() {
+    use tokio::io::AsyncWriteExt;
+    let vendor = vendor().await;
+    let mut gw = Gateway::start(&vendor.url()).await;
+    vendor.set_delay(Duration::from_millis(800));
+    let mut raw = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let head = format!(
+        "PUT {} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nx-request-id: hangs-up-1\r\n\r\n",
+        example_path(),
+        EXAMPLE_BODY.len()
+    );
+    raw.write_all(head.as_bytes()).await.unwrap();
+    raw.write_all(EXAMPLE_BODY.as_bytes()).await.unwrap();
+    // Once the update is at the vendor, the caller goes away.
+    tokio::time::timeout(Duration::from_secs(10), vendor.wait_for_updates(1))
+        .await
+        .expect("the update reaches the vendor");
+    drop(raw);
+    gw.stop().await;
+
+    let records = gw.audit_records(&gw.audit_path());
+    let mine: Vec<&str> = records
+        .iter()
+        .filter(|r| r["request_id"] == "hangs-up-1")
+        .map(|r| r["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(mine, ["attempt", "outcome"]);
+    let line = gw.access_line("hangs-up-1").await;
+    assert_eq!(line["status"], 200);
+}

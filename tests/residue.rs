@@ -111,7 +111,10 @@ async fn lookup_failure_is_503_or_forwarded_when_allowed() {
     gw.stop().await;
     let records = gw.audit_records(&gw.audit_path());
     let attempt = records.iter().find(|r| r["event"] == "attempt").unwrap();
-    assert!(attempt["note"].as_str().unwrap().contains("unavailable"), "{attempt}");
+    assert!(
+        attempt["note"].as_str().unwrap().contains("unavailable"),
+        "{attempt}"
+    );
     assert!(attempt["residue"].is_null());
 }
 
@@ -152,7 +155,10 @@ async fn disabled_rule_forwards_without_lookup() {
     gw.stop().await;
     let records = gw.audit_records(&gw.audit_path());
     let attempt = records.iter().find(|r| r["event"] == "attempt").unwrap();
-    assert!(attempt["note"].as_str().unwrap().contains("disabled"), "{attempt}");
+    assert!(
+        attempt["note"].as_str().unwrap().contains("disabled"),
+        "{attempt}"
+    );
 }
 
 #[tokio::test]

@@ -310,7 +310,7 @@ impl Writer {
             if !batch.is_empty() {
                 self.write_batch(&mut batch);
             }
-            if self.policy == FsyncPolicy::Interval
+            if self.policy != FsyncPolicy::Never
                 && self.dirty
                 && self.last_sync.elapsed() >= SYNC_INTERVAL
             {
@@ -325,7 +325,7 @@ impl Writer {
     fn deadline(&self) -> Option<Instant> {
         if self.active.is_none() {
             Some(self.retry_at)
-        } else if self.policy == FsyncPolicy::Interval && self.dirty {
+        } else if self.policy != FsyncPolicy::Never && self.dirty {
             Some(self.last_sync + SYNC_INTERVAL)
         } else {
             None
@@ -516,7 +516,12 @@ impl Writer {
         };
         let before = active.len;
         let mut result = active.file.write_all(bytes);
-        if result.is_ok() && self.policy == FsyncPolicy::Always {
+        // `always` syncs batches that someone waits on (attempts). Outcome and
+        // rejected records alone are synced a second later at most, so an
+        // outcome's fsync never queues in front of the next attempt's.
+        let waited_on = self.inflight.iter().any(|(_, _, ack)| ack.is_some());
+        let sync_now = self.policy == FsyncPolicy::Always && waited_on;
+        if result.is_ok() && sync_now {
             let started = Instant::now();
             result = if self.faults.take_sync_failure() {
                 Err(io::Error::other("injected fsync failure"))
@@ -532,7 +537,11 @@ impl Writer {
                 active.len += bytes.len() as u64;
                 active.need_newline = false;
                 active.has_records |= !self.inflight.is_empty();
-                self.dirty |= self.policy != FsyncPolicy::Always;
+                // A sync of this batch covers everything written before it.
+                self.dirty = !sync_now;
+                if sync_now {
+                    self.last_sync = Instant::now();
+                }
                 Ok(())
             }
             Err(e) => {

@@ -72,17 +72,41 @@ impl Exchange {
     }
 }
 
-/// The outer handler: every response, success or error, leaves here with
-/// `X-Request-Id`, one access-log line and, for a refused mutation, its
-/// `rejected` audit record.
+/// Entry point for the data listener. The request runs to completion in its
+/// own task: a caller that hangs up must not cut an update off between its
+/// attempt record, the forward, its outcome record and its access-log line.
 pub async fn handle(
-    state: &Arc<State>,
+    state: Arc<State>,
     client: SocketAddr,
     req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
+    let request_id = ids::request_id(req.headers());
+    match tokio::spawn(process(state, client, req, request_id.clone())).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            tracing::error!(cause = %e, request_id = %request_id, "request task failed");
+            let mut resp = Error::Internal.into_response();
+            if let Ok(v) = HeaderValue::from_str(&request_id) {
+                resp.headers_mut().insert("x-request-id", v);
+            }
+            resp
+        }
+    }
+}
+
+/// The outer handler: every response, success or error, leaves here with
+/// `X-Request-Id`, one access-log line and, for a refused mutation, its
+/// `rejected` audit record.
+async fn process(
+    state: Arc<State>,
+    client: SocketAddr,
+    req: Request<Incoming>,
+    request_id: String,
+) -> Response<Full<Bytes>> {
+    let state = &state;
     let started = Instant::now();
     let mut ex = Exchange {
-        request_id: ids::request_id(req.headers()),
+        request_id,
         client,
         route: None,
         sub_user_id: None,
@@ -102,7 +126,6 @@ pub async fn handle(
     } else {
         update(state, &live, &mut ex, req).await
     };
-    drop(inflight);
     let (mut resp, reason) = match result {
         Ok(resp) => (resp, None),
         Err(err) => {
@@ -252,9 +275,7 @@ async fn update(
     }
     ex.stage = Stage::Attempted;
 
-    // From here the vendor may see the update. The forward, its outcome
-    // record and the cache invalidation run in their own task so they finish
-    // even if the caller goes away mid-request.
+    // From here the vendor may see the update.
     let job = Forward {
         state: state.clone(),
         live: live.clone(),
@@ -266,11 +287,7 @@ async fn update(
         list_key,
         line,
     };
-    let answer = tokio::spawn(job.run())
-        .await
-        .map_err(|_| Error::UpstreamUnreachable {
-            detail: "forwarding task failed",
-        })??;
+    let answer = job.run().await?;
     ex.upstream_ms = Some(ms(answer.upstream_time));
 
     // The vendor's status, Content-Type and body, unchanged.
@@ -285,7 +302,8 @@ async fn update(
     Ok(resp)
 }
 
-/// Everything the forward stage needs, owned, so it can outlive the request.
+/// Everything the forward stage needs: it writes the outcome record and
+/// drops the cached line list whatever happens.
 struct Forward {
     state: Arc<State>,
     live: Arc<Live>,
@@ -391,7 +409,7 @@ struct InflightGuard<'a> {
 
 impl<'a> InflightGuard<'a> {
     fn enter(state: &'a State) -> Self {
-        let count = state.inflight.fetch_add(1, Ordering::Relaxed) + 1;
+        let count = state.inflight.fetch_add(1, Ordering::AcqRel) + 1;
         state.metrics.inflight.inc();
         InflightGuard { state, count }
     }
@@ -399,7 +417,10 @@ impl<'a> InflightGuard<'a> {
 
 impl Drop for InflightGuard<'_> {
     fn drop(&mut self) {
-        self.state.inflight.fetch_sub(1, Ordering::Relaxed);
+        if self.state.inflight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // Shutdown waits for this before closing the audit log.
+            self.state.idle.notify_waiters();
+        }
         self.state.metrics.inflight.dec();
     }
 }
