@@ -113,6 +113,15 @@ impl TokenSource {
         }
     }
 
+    /// After the vendor refused `used`: re-reads the file and returns the
+    /// token in force if it differs from `used` (the file watch may have
+    /// swapped it in meanwhile), `None` when there is nothing newer to try.
+    pub fn newer_than(&self, used: &Token) -> Option<Token> {
+        self.refresh();
+        let current = self.get();
+        (current.authorization() != used.authorization()).then_some(current)
+    }
+
     /// Re-reads the token file. Returns the new token when it changed. An
     /// empty or unreadable file keeps the old token (logged once per cause).
     pub fn refresh(&self) -> Option<Token> {

@@ -161,7 +161,9 @@ async fn rotating_the_token_file_changes_the_token_without_restart() {
         "Bearer first-token-aaaa"
     );
 
-    std::fs::write(token_file.path(), "second-token-bbbb\n").unwrap();
+    let staged = token_file.path().with_extension("new");
+    std::fs::write(&staged, "second-token-bbbb\n").unwrap();
+    std::fs::rename(&staged, token_file.path()).unwrap();
     gw.wait_stderr("upstream token reloaded from file").await;
     assert_eq!(put(&gw, example_path(), EXAMPLE_BODY).await.status, 200);
     let last = vendor.updates().pop().unwrap();
@@ -192,9 +194,12 @@ async fn a_vendor_401_rereads_the_token_file_and_retries_once() {
         .toml(&format!("[upstream]\ntoken_file = {:?}", token_file.path()))
         .start()
         .await;
-    // The vendor rotates; the file follows; the next update goes straight out.
+    // The vendor rotates; the file follows (replaced atomically, as Kubernetes
+    // and secret tools do); the next update goes out with the new token.
     vendor.set_token(Some("new-token"));
-    std::fs::write(token_file.path(), "new-token").unwrap();
+    let staged = token_file.path().with_extension("new");
+    std::fs::write(&staged, "new-token").unwrap();
+    std::fs::rename(&staged, token_file.path()).unwrap();
     let resp = put(&gw, example_path(), EXAMPLE_BODY).await;
     assert_eq!(resp.status, 200, "{}", resp.text());
     let seen: Vec<String> = vendor

@@ -350,7 +350,7 @@ impl Forward {
         // A 401 may mean the token file was rotated under us. The vendor
         // applied nothing it refused, so re-read the file and try once more.
         if matches!(&answer, Ok(a) if a.status == http::StatusCode::UNAUTHORIZED)
-            && let Some(fresh) = state.token.refresh()
+            && let Some(fresh) = state.token.newer_than(&token)
         {
             answer = send(&fresh).await;
         }
