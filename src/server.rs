@@ -47,9 +47,12 @@ async fn protocol_known_in_time(stream: &tokio::net::TcpStream, deadline: Durati
         {
             return false;
         }
-        let n = match stream.peek(&mut buf).await {
-            Ok(0) | Err(_) => return false,
-            Ok(n) => n,
+        // `readable` may report readiness that is not there (tokio says so;
+        // a freshly accepted socket does), and `peek` then waits for data:
+        // it needs the deadline as much as the readiness wait does.
+        let n = match tokio::time::timeout_at(until, stream.peek(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) | Err(_) => return false,
+            Ok(Ok(n)) => n,
         };
         if n == H2_PREFACE.len() || !H2_PREFACE.starts_with(&buf[..n]) {
             return true;
@@ -89,10 +92,15 @@ pub async fn serve<H, F>(
         .header_read_timeout(limits.header_read_timeout)
         .max_headers(128)
         .max_buf_size(64 * 1024);
+    // hyper has no header timeout for h2: a peer that stops answering (a
+    // stalled request head, or nothing after the preface) is found by an
+    // unanswered PING instead, on the same clock as the HTTP/1 timeout.
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_concurrent_streams(256);
+        .max_concurrent_streams(256)
+        .keep_alive_interval(limits.header_read_timeout)
+        .keep_alive_timeout(limits.header_read_timeout);
     let graceful = GracefulShutdown::new();
     // Past the cap we stop accepting; the kernel backlog holds the rest.
     let slots = Arc::new(Semaphore::new(limits.max_connections));

@@ -49,10 +49,45 @@ impl Token {
         })
     }
 
+    /// `body` with every occurrence of the token replaced by `<redacted>`: a
+    /// vendor (or anything posing as it) that echoes our `Authorization`
+    /// header must not make us hand the token to the caller.
+    pub fn redact_in(&self, body: Bytes) -> Bytes {
+        let secret = &self.header.as_bytes()["Bearer ".len()..];
+        if secret.is_empty() || !contains(&body, secret) {
+            return body;
+        }
+        let mut out = Vec::with_capacity(body.len());
+        let mut rest: &[u8] = &body;
+        while let Some(at) = find(rest, secret) {
+            out.extend_from_slice(&rest[..at]);
+            out.extend_from_slice(b"<redacted>");
+            rest = &rest[at + secret.len()..];
+        }
+        out.extend_from_slice(rest);
+        Bytes::from(out)
+    }
+
     /// `Bearer <token>`, ready for the `Authorization` header.
     pub fn authorization(&self) -> &HeaderValue {
         &self.header
     }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    find(haystack, needle).is_some()
+}
+
+/// First index of `needle` in `haystack`. Vendor answers are small (capped at
+/// 1 MiB) and the first-byte filter skips most positions.
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    let first = *needle.first()?;
+    haystack
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| **b == first)
+        .map(|(i, _)| i)
+        .find(|&i| haystack[i..].starts_with(needle))
 }
 
 impl fmt::Debug for Token {
@@ -218,6 +253,19 @@ mod tests {
         assert!(!format!("{t:?}").contains("abc-secret"));
         assert!(!format!("{:?}", t.authorization()).contains("abc-secret"));
         assert_eq!(t.authorization().to_str().unwrap(), "Bearer abc-secret");
+    }
+
+    #[test]
+    fn echoed_tokens_are_redacted() {
+        let t = Token::new("s3cr3t").unwrap();
+        let body = Bytes::from_static(b"{\"auth\":\"Bearer s3cr3t\",\"x\":\"s3cr3ts3cr3t\"}");
+        let out = t.redact_in(body);
+        assert_eq!(
+            &out[..],
+            b"{\"auth\":\"Bearer <redacted>\",\"x\":\"<redacted><redacted>\"}"
+        );
+        let clean = Bytes::from_static(b"{\"code\":200}");
+        assert_eq!(t.redact_in(clean.clone()), clean);
     }
 
     #[test]

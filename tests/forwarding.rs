@@ -381,3 +381,26 @@ async fn token_from_a_file_and_admin_probes() {
     assert_eq!(ready.status, 200);
     gw.assert_token_never_logged();
 }
+
+#[tokio::test]
+async fn a_vendor_echoing_the_token_does_not_leak_it() {
+    let vendor = vendor().await;
+    vendor.set_update_fault(Fault::Canned(
+        200,
+        format!(
+            r#"{{"code":200,"status":"success","message":"ok","data":{{"seen":"Bearer {TOKEN}"}}}}"#
+        ),
+    ));
+    let mut gw = Gateway::start(&vendor.url()).await;
+    let resp = put(&gw, example_path(), EXAMPLE_BODY).await;
+    assert_eq!(resp.status, 200);
+    assert!(!resp.text().contains(TOKEN), "{}", resp.text());
+    assert!(resp.text().contains("Bearer <redacted>"));
+    gw.stop().await;
+    assert!(
+        !std::fs::read_to_string(gw.audit_path())
+            .unwrap()
+            .contains(TOKEN)
+    );
+    gw.assert_token_never_logged();
+}

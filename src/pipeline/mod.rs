@@ -353,6 +353,12 @@ impl Forward {
             && let Some(fresh) = state.token.newer_than(&token)
         {
             answer = send(&fresh).await;
+            if let Ok(a) = &mut answer {
+                a.body = fresh.redact_in(std::mem::take(&mut a.body));
+            }
+        }
+        if let Ok(a) = &mut answer {
+            a.body = token.redact_in(std::mem::take(&mut a.body));
         }
         // Whatever the outcome, the vendor may have applied it: re-read the list.
         state.residue.invalidate(list_key);
