@@ -167,6 +167,7 @@ pub struct RawResidue {
     pub path: String,
     pub cache_ttl_ms: u64,
     pub on_unavailable: String,
+    pub after_update: String,
 }
 
 impl Default for RawResidue {
@@ -176,6 +177,7 @@ impl Default for RawResidue {
             path: "/agent-api/user/{user_id}/task/create".into(),
             cache_ttl_ms: 5_000,
             on_unavailable: "reject".into(),
+            after_update: "decrement".into(),
         }
     }
 }
@@ -329,6 +331,15 @@ pub enum OnUnavailable {
     Allow,
 }
 
+/// What an accepted update does to the cached line list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterUpdate {
+    /// Lower the line's cached residue by the update's `maximumcall`.
+    Decrement,
+    /// Drop the list; the next update of that user reads it again.
+    Drop,
+}
+
 #[derive(Debug, Clone)]
 pub struct ResidueConfig {
     pub enabled: bool,
@@ -336,6 +347,7 @@ pub struct ResidueConfig {
     pub path: String,
     pub cache_ttl: Duration,
     pub on_unavailable: OnUnavailable,
+    pub after_update: AfterUpdate,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -655,6 +667,16 @@ fn residue_config(raw: &RawResidue) -> Result<ResidueConfig, ConfigError> {
                 return Err(invalid(
                     "residue.on_unavailable",
                     format!("`{other}` is not one of \"reject\", \"allow\""),
+                ));
+            }
+        },
+        after_update: match raw.after_update.as_str() {
+            "decrement" => AfterUpdate::Decrement,
+            "drop" => AfterUpdate::Drop,
+            other => {
+                return Err(invalid(
+                    "residue.after_update",
+                    format!("`{other}` is not one of \"decrement\", \"drop\""),
                 ));
             }
         },

@@ -67,19 +67,56 @@ async fn the_lookup_carries_the_token_and_sub_user_and_is_cached() {
     );
     assert_eq!(inits[0].headers["authorization"], format!("Bearer {TOKEN}"));
 
-    // An admitted update still uses the cache, then drops it.
+    // Accepted updates lower the cached residue (5 -> 4 -> 3) instead of
+    // costing a lookup each: two updates within the TTL, one lookup.
     body["maximumcall"] = 1.into();
-    let resp = put(&gw, &example_path(), &body.to_string()).await;
-    assert_eq!(resp.status, 200);
+    for _ in 0..2 {
+        let resp = put(&gw, &example_path(), &body.to_string()).await;
+        assert_eq!(resp.status, 200);
+    }
     assert_eq!(vendor.inits().len(), 1);
+    body["maximumcall"] = 4.into();
     let resp = put(&gw, &example_path(), &body.to_string()).await;
-    assert_eq!(resp.status, 200);
-    assert_eq!(
-        vendor.inits().len(),
-        2,
-        "a successful update invalidates the cached list"
+    assert_eq!(resp.status, 409, "checked against the lowered residue 3");
+    assert!(
+        resp.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("residue 3")
     );
+    assert_eq!(vendor.inits().len(), 1);
+    // A vendor failure leaves the state unknown: the list is read again.
+    body["maximumcall"] = 1.into();
+    vendor.set_update_fault(Fault::Status(500));
+    assert_eq!(
+        put(&gw, &example_path(), &body.to_string()).await.status,
+        500
+    );
+    vendor.set_update_fault(Fault::None);
+    assert_eq!(
+        put(&gw, &example_path(), &body.to_string()).await.status,
+        200
+    );
+    assert_eq!(vendor.inits().len(), 2);
     gw.assert_token_never_logged();
+}
+
+#[tokio::test]
+async fn after_update_drop_reads_the_list_again_after_every_update() {
+    let vendor = vendor().await;
+    let gw = Gateway::builder(&vendor.url())
+        .toml("[residue]\nafter_update = \"drop\"")
+        .start()
+        .await;
+    for n in 1..=2 {
+        assert_eq!(
+            put(&gw, &example_path(), &body_with(1, EXAMPLE_LINE))
+                .await
+                .status,
+            200
+        );
+        assert_eq!(vendor.inits().len(), n, "one lookup per accepted update");
+    }
 }
 
 #[tokio::test]

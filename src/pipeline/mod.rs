@@ -285,6 +285,8 @@ async fn update(
         token,
         outcome: ex.record(Event::Outcome),
         list_key,
+        caller_line: task.caller_line_id,
+        maximumcall: task.maximumcall,
         line,
     };
     let answer = job.run().await?;
@@ -313,7 +315,9 @@ struct Forward {
     token: Token,
     outcome: Record,
     list_key: residue::ListKey,
-    /// Released (by drop) only after the cache entry is gone.
+    caller_line: Uuid,
+    maximumcall: i64,
+    /// Released (by drop) only after the cache entry is settled.
     line: Option<residue::LineGuard>,
 }
 
@@ -328,6 +332,8 @@ impl Forward {
             token,
             outcome,
             list_key,
+            caller_line,
+            maximumcall,
             line,
         } = self;
         let started = Instant::now();
@@ -360,13 +366,25 @@ impl Forward {
         if let Ok(a) = &mut answer {
             a.body = token.redact_in(std::mem::take(&mut a.body));
         }
-        // Whatever the outcome, the vendor may have applied it: re-read the list.
-        state.residue.invalidate(list_key);
+        let envelope = answer.as_ref().ok().map(|a| vendor_envelope(&a.body));
+        // The cached residue must not outlive what this update changed: an
+        // accepted update lowers it (or drops the list, per
+        // residue.after_update); anything else may or may not have been
+        // applied, so the list is read again next time.
+        let accepted = matches!((&answer, &envelope), (Ok(a), Some((code, _)))
+            if a.status.is_success() && code.is_none_or(|c| c == 200));
+        if accepted {
+            state
+                .residue
+                .settle(&live.config.residue, list_key, caller_line, maximumcall);
+        } else {
+            state.residue.invalidate(list_key);
+        }
         drop(line);
 
         let record = match &answer {
             Ok(a) => {
-                let (code, message) = vendor_envelope(&a.body);
+                let (code, message) = envelope.unwrap_or_default();
                 Record {
                     upstream_status: Some(a.status.as_u16()),
                     upstream_code: code,

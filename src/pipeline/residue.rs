@@ -14,7 +14,7 @@ use serde_json::Value;
 use tokio::sync::OnceCell;
 use uuid::Uuid;
 
-use crate::config::{OnUnavailable, ResidueConfig, UpstreamConfig};
+use crate::config::{AfterUpdate, OnUnavailable, ResidueConfig, UpstreamConfig};
 use crate::error::Error;
 use crate::pipeline::forward;
 use crate::upstream::{Token, UpstreamClient};
@@ -175,6 +175,29 @@ impl ResidueGate {
     /// the next update reads the new residue.
     pub fn invalidate(&self, key: ListKey) {
         lock(&self.cache).remove(&key);
+    }
+
+    /// After an update the vendor accepted: with `AfterUpdate::Decrement`,
+    /// lowers the cached residue of `line` by `maximumcall` — a lower bound of
+    /// what the vendor now reports, so nothing is admitted that a fresh read
+    /// would refuse — and keeps the entry's age, so the TTL still bounds how
+    /// long the list goes unread. With `Drop`, or if the cached list is not
+    /// the one this update was checked against, drops it.
+    pub fn settle(&self, cfg: &ResidueConfig, key: ListKey, line: Uuid, maximumcall: i64) {
+        let mut cache = lock(&self.cache);
+        if cfg.after_update == AfterUpdate::Decrement
+            && let Some(entry) = cache.get_mut(&key)
+            && let Some(Ok(lines)) = entry.cell.get()
+            && lines.contains_key(&line)
+        {
+            let mut lowered = LineList::clone(lines);
+            if let Some(residue) = lowered.get_mut(&line) {
+                *residue = residue.saturating_sub(maximumcall);
+            }
+            entry.cell = Arc::new(OnceCell::new_with(Some(Ok(Arc::new(lowered)))));
+            return;
+        }
+        cache.remove(&key);
     }
 
     /// The cached list, or one fetch shared by every concurrent miss.
