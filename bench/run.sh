@@ -461,7 +461,7 @@ main() {
         done
     done
 
-    echo "taskgate serves one fixed path: every update of that user/line waits for the one before it (per-line serialisation) and costs one init GET upstream too (the list is dropped after each update)" >>"$workdir/notes"
+    echo "load: BENCH_USERS=${BENCH_USERS:-1024} user ids in turn (1 = one fixed path, where taskgate's per-line serialisation queues every update)" >>"$workdir/notes"
     for t in "${targets[@]}"; do
         [[ $t == taskgate* ]] || continue
         metrics_note "$t" >>"$workdir/notes"
