@@ -12,6 +12,29 @@ use time::macros::format_description;
 /// `prev` of the first record of a log (seq 1): 64 zeros.
 pub const GENESIS_PREV: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
+/// The members of every line, in the order they are written (tests check it).
+#[cfg(test)]
+pub(crate) const FIELD_ORDER: [&str; 18] = [
+    "seq",
+    "ts",
+    "event",
+    "request_id",
+    "client",
+    "user_id",
+    "sub_user_id",
+    "task_id",
+    "reason",
+    "note",
+    "request",
+    "residue",
+    "upstream_status",
+    "upstream_code",
+    "upstream_message",
+    "latency_ms",
+    "prev",
+    "hash",
+];
+
 /// A SHA-256 digest as 64 lowercase ASCII hex digits, the form it takes in the
 /// line and in the hash input.
 pub(crate) type HexHash = [u8; 64];
@@ -287,26 +310,7 @@ mod tests {
         let text = std::str::from_utf8(&line).unwrap();
         assert!(text.ends_with(&format!(",\"hash\":\"{}\"}}\n", hex_str(&hash))));
         assert_eq!(text.matches('\n').count(), 1, "control chars are escaped");
-        let keys = [
-            "seq",
-            "ts",
-            "event",
-            "request_id",
-            "client",
-            "user_id",
-            "sub_user_id",
-            "task_id",
-            "reason",
-            "note",
-            "request",
-            "residue",
-            "upstream_status",
-            "upstream_code",
-            "upstream_message",
-            "latency_ms",
-            "prev",
-            "hash",
-        ];
+        let keys = FIELD_ORDER;
         let mut at = 0;
         for k in keys {
             let pos = text[at..]

@@ -117,26 +117,7 @@ async fn writes_every_event_gap_free_with_all_fields() {
     assert_eq!(seqs(&recs), [1, 2, 3, 4]);
     let events: Vec<_> = recs.iter().map(|r| r["event"].as_str().unwrap()).collect();
     assert_eq!(events, ["attempt", "outcome", "rejected", "attempt"]);
-    let keys = [
-        "seq",
-        "ts",
-        "event",
-        "request_id",
-        "client",
-        "user_id",
-        "sub_user_id",
-        "task_id",
-        "reason",
-        "note",
-        "request",
-        "residue",
-        "upstream_status",
-        "upstream_code",
-        "upstream_message",
-        "latency_ms",
-        "prev",
-        "hash",
-    ];
+    let keys = super::record::FIELD_ORDER;
     for r in &recs {
         let obj = r.as_object().unwrap();
         assert_eq!(obj.len(), keys.len());
