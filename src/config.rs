@@ -177,7 +177,7 @@ impl Default for RawResidue {
             path: "/agent-api/user/{user_id}/task/create".into(),
             cache_ttl_ms: 5_000,
             on_unavailable: "reject".into(),
-            after_update: "decrement".into(),
+            after_update: "drop".into(),
         }
     }
 }
