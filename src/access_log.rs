@@ -3,10 +3,10 @@
 //! thread writes whatever has queued in one go.
 
 use std::io::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::thread::JoinHandle;
 
+use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 
 /// Lines waiting for the writer. Past this the newest lines are dropped and
@@ -42,7 +42,8 @@ enum Msg {
 
 pub struct AccessLog {
     tx: SyncSender<Msg>,
-    dropped: AtomicU64,
+    /// `taskgate_access_log_dropped_lines_total`.
+    dropped: Counter,
 }
 
 /// Owns the writer thread; `stop` flushes what is queued and joins it.
@@ -53,7 +54,7 @@ pub struct AccessLogTask {
 
 impl AccessLog {
     /// Starts the writer on `out` (stdout in production).
-    pub fn start(out: Box<dyn Write + Send>) -> (AccessLog, AccessLogTask) {
+    pub fn start(out: Box<dyn Write + Send>, dropped: Counter) -> (AccessLog, AccessLogTask) {
         let (tx, rx) = sync_channel(QUEUE);
         let thread = std::thread::Builder::new()
             .name("access-log".into())
@@ -62,7 +63,7 @@ impl AccessLog {
         (
             AccessLog {
                 tx: tx.clone(),
-                dropped: AtomicU64::new(0),
+                dropped,
             },
             AccessLogTask { tx, thread },
         )
@@ -75,13 +76,13 @@ impl AccessLog {
         }
         buf.push(b'\n');
         if let Err(TrySendError::Full(_)) = self.tx.try_send(Msg::Line(buf)) {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+            self.dropped.inc();
         }
     }
 
     /// Lines dropped because the writer could not keep up.
     pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
+        self.dropped.get()
     }
 }
 
@@ -140,7 +141,7 @@ mod tests {
     #[test]
     fn lines_are_json_and_flushed_on_stop() {
         let out = Shared::default();
-        let (log, task) = AccessLog::start(Box::new(out.clone()));
+        let (log, task) = AccessLog::start(Box::new(out.clone()), Counter::default());
         for i in 0..100u16 {
             log.write(&AccessLine {
                 ts: "2026-11-24T00:00:00.000Z",

@@ -82,6 +82,7 @@ pub struct Gateway {
     pub admin_listen: SocketAddr,
     pub state: Arc<State>,
     stop: watch::Sender<bool>,
+    grace: Duration,
     servers: Vec<JoinHandle<()>>,
     housekeeping: Vec<JoinHandle<()>>,
     audit: AuditWriterTask,
@@ -106,10 +107,12 @@ impl Gateway {
         let listen = local(&data, "listen", config.listen)?;
         let admin_listen = local(&admin, "admin_listen", config.admin_listen)?;
 
-        let (access_log, access_task) = AccessLog::start(access_out);
         let metrics = Arc::new(Metrics::default());
+        let (access_log, access_task) =
+            AccessLog::start(access_out, metrics.access_log_dropped.clone());
         // Never fails: an unwritable log starts "not ready" and recovers.
         let (audit, audit_task) = AuditLog::start(config.audit.clone(), metrics.clone());
+        let limits_grace = config.shutdown_grace;
         let limits = ServeLimits {
             max_connections: config.limits.max_connections,
             header_read_timeout: config.limits.header_read_timeout,
@@ -168,6 +171,7 @@ impl Gateway {
             admin_listen,
             state,
             stop,
+            grace: limits_grace,
             servers: vec![data_server, admin_server],
             housekeeping,
             audit: audit_task,
@@ -180,7 +184,8 @@ impl Gateway {
     /// then flushes the access log.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
-        let grace = self.state.live.load().config.shutdown_grace;
+        // The start-up value, as the listeners' drain uses (a restart applies a new one).
+        let grace = self.grace;
         let deadline = tokio::time::Instant::now() + grace;
         for task in self.servers.into_iter().chain(self.housekeeping) {
             let _ = task.await;

@@ -53,6 +53,8 @@ pub enum Error {
     UpstreamTimeout,
     #[error("internal error")]
     Internal,
+    #[error("the caller closed the connection before the update was forwarded")]
+    ClientClosed,
     #[error("unauthorized")]
     Unauthorized,
     #[error("forbidden")]
@@ -79,6 +81,8 @@ impl Error {
             Error::UpstreamUnreachable { .. } => StatusCode::BAD_GATEWAY,
             Error::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Error::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            // NGINX's convention; nobody is left to read it but the logs.
+            Error::ClientClosed => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
             Error::Unauthorized => StatusCode::UNAUTHORIZED,
             Error::Forbidden => StatusCode::FORBIDDEN,
         }
@@ -103,6 +107,7 @@ impl Error {
             Error::UpstreamUnreachable { .. } => "upstream_unreachable",
             Error::UpstreamTimeout => "upstream_timeout",
             Error::Internal => "internal_error",
+            Error::ClientClosed => "client_closed",
             Error::Unauthorized => "unauthorized",
             Error::Forbidden => "forbidden",
         }
@@ -236,6 +241,7 @@ mod tests {
             ),
             (Error::UpstreamTimeout, 504, "upstream_timeout"),
             (Error::Internal, 500, "internal_error"),
+            (Error::ClientClosed, 499, "client_closed"),
             (Error::Unauthorized, 401, "unauthorized"),
             (Error::Forbidden, 403, "forbidden"),
         ];

@@ -43,6 +43,7 @@ pub struct Metrics {
     pub audit_torn_lines: Counter,
     pub audit_fsync: Histogram,
     pub inflight: Gauge,
+    pub access_log_dropped: Counter,
 }
 
 /// 100 µs to ~13 s: gateway overhead is sub-millisecond, vendor calls seconds.
@@ -67,6 +68,7 @@ impl Default for Metrics {
                 prometheus_client::metrics::histogram::exponential_buckets(0.00005, 2.0, 16),
             ),
             inflight: Gauge::default(),
+            access_log_dropped: Counter::default(),
             registry: Registry::default(),
         };
         // Counters get `_total` appended by the encoder.
@@ -124,6 +126,11 @@ impl Default for Metrics {
             "inflight_requests",
             "Requests being handled",
             m.inflight.clone(),
+        );
+        registry.register(
+            "access_log_dropped_lines",
+            "Access-log lines dropped because stdout could not keep up",
+            m.access_log_dropped.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -33,6 +33,7 @@ use crate::upstream::Token;
 use body::JsonBody;
 use rate_limit::{Decision, RateKey};
 use residue::Verdict;
+use tokio::sync::oneshot::error::TryRecvError;
 
 /// What one request accumulates on its way through, for the access log and
 /// the audit records.
@@ -81,7 +82,13 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
     let request_id = ids::request_id(req.headers());
-    match tokio::spawn(process(state, client, req, request_id.clone())).await {
+    // Dropped with this future when the caller hangs up: the task then
+    // forwards nothing that is not already on its way.
+    let (caller, caller_gone) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(process(state, client, req, request_id.clone(), caller_gone));
+    let result = task.await;
+    drop(caller);
+    match result {
         Ok(resp) => resp,
         Err(e) => {
             tracing::error!(cause = %e, request_id = %request_id, "request task failed");
@@ -102,6 +109,7 @@ async fn process(
     client: SocketAddr,
     req: Request<Incoming>,
     request_id: String,
+    caller_gone: CallerGone,
 ) -> Response<Full<Bytes>> {
     let state = &state;
     let started = Instant::now();
@@ -124,7 +132,7 @@ async fn process(
     let result = if inflight.count > live.config.limits.max_inflight {
         Err(Error::Overloaded)
     } else {
-        update(state, &live, &mut ex, req).await
+        update(state, &live, &mut ex, req, caller_gone).await
     };
     let (mut resp, reason) = match result {
         Ok(resp) => (resp, None),
@@ -135,6 +143,10 @@ async fn process(
                 state.audit.append(Record {
                     reason: Some(reason.to_owned()),
                     request: ex.request.take(),
+                    residue: match &err {
+                        Error::ResidueExceeded { residue, .. } => Some(*residue),
+                        _ => None,
+                    },
                     ..ex.record(Event::Rejected)
                 });
             }
@@ -189,6 +201,7 @@ async fn update(
     live: &Arc<Live>,
     ex: &mut Exchange,
     req: Request<Incoming>,
+    mut caller_gone: CallerGone,
 ) -> Result<Response<Full<Bytes>>, Error> {
     // Only the one known route with canonical ids; 404/405 otherwise.
     let route = router::route(req.method(), req.uri())?;
@@ -231,8 +244,18 @@ async fn update(
     // the cache TTL and never older than the last admitted update: 409/422/503.
     let token = state.token.get();
     let list_key = (route.user_id, task.sub_user_id);
+    // A queue behind a slow vendor is bounded: past the upstream timeout the
+    // caller has most likely given up, so say so rather than wait on.
+    let upstream_timeout = live.config.upstream.timeout;
     let line = match live.config.residue.enabled {
-        true => Some(state.residue.lock_line(list_key, task.caller_line_id).await),
+        true => Some(
+            tokio::time::timeout(
+                upstream_timeout,
+                state.residue.lock_line(list_key, task.caller_line_id),
+            )
+            .await
+            .map_err(|_| Error::Overloaded)?,
+        ),
         // Without the rule there is no residue to keep consistent.
         false => None,
     };
@@ -254,13 +277,20 @@ async fn update(
         )
         .await?;
 
-    // The attempt is on disk before a byte goes to the vendor: 503 if not.
-    let (residue, note) = match verdict {
-        Verdict::Checked { residue } => (Some(residue), None),
-        Verdict::Disabled => (None, Some("residue rule disabled")),
+    // The attempt is on disk before a byte goes to the vendor: 503 if not
+    // (a stalled disk included). A caller that has hung up by now gets
+    // nothing forwarded.
+    let uri = forward::task_uri(&live.config.upstream, &route)?;
+    if caller_gone.try_recv() == Err(TryRecvError::Closed) {
+        return Err(Error::ClientClosed);
+    }
+    let (residue, note, checked_list) = match verdict {
+        Verdict::Checked { residue, list } => (Some(residue), None, Some(list)),
+        Verdict::Disabled => (None, Some("residue rule disabled"), None),
         Verdict::UnavailableAllowed => (
             None,
             Some("caller line list unavailable; forwarded by residue.on_unavailable = allow"),
+            None,
         ),
     };
     let attempt = Record {
@@ -269,9 +299,16 @@ async fn update(
         request: ex.request.take(),
         ..ex.record(Event::Attempt)
     };
-    if let Err(e) = state.audit.append_durable(attempt).await {
-        tracing::error!(cause = %e, request_id = %ex.request_id, "audit attempt not durable; refusing");
-        return Err(Error::AuditUnavailable);
+    match tokio::time::timeout(upstream_timeout, state.audit.append_durable(attempt)).await {
+        Ok(Ok(_seq)) => {}
+        Ok(Err(e)) => {
+            tracing::error!(cause = %e, request_id = %ex.request_id, "audit attempt not durable; refusing");
+            return Err(Error::AuditUnavailable);
+        }
+        Err(_) => {
+            tracing::error!(request_id = %ex.request_id, "audit attempt not durable in time; refusing");
+            return Err(Error::AuditUnavailable);
+        }
     }
     ex.stage = Stage::Attempted;
 
@@ -279,12 +316,13 @@ async fn update(
     let job = Forward {
         state: state.clone(),
         live: live.clone(),
-        route,
+        uri,
         client_headers: parts.headers,
         bytes,
         token,
         outcome: ex.record(Event::Outcome),
         list_key,
+        checked_list,
         caller_line: task.caller_line_id,
         maximumcall: task.maximumcall,
         line,
@@ -304,17 +342,22 @@ async fn update(
     Ok(resp)
 }
 
+/// Closed when the caller has hung up (its `handle` future was dropped).
+type CallerGone = tokio::sync::oneshot::Receiver<()>;
+
 /// Everything the forward stage needs: it writes the outcome record and
 /// drops the cached line list whatever happens.
 struct Forward {
     state: Arc<State>,
     live: Arc<Live>,
-    route: TaskRoute,
+    uri: http::Uri,
     client_headers: http::HeaderMap,
     bytes: Bytes,
     token: Token,
     outcome: Record,
     list_key: residue::ListKey,
+    /// The list the update was checked against (residue rule on and read).
+    checked_list: Option<Arc<residue::LineList>>,
     caller_line: Uuid,
     maximumcall: i64,
     /// Released (by drop) only after the cache entry is settled.
@@ -326,12 +369,13 @@ impl Forward {
         let Forward {
             state,
             live,
-            route,
+            uri,
             client_headers,
             bytes,
             token,
             outcome,
             list_key,
+            checked_list,
             caller_line,
             maximumcall,
             line,
@@ -339,7 +383,6 @@ impl Forward {
         let started = Instant::now();
         // Token, header hygiene, URI from the checked ids, timeouts, retry.
         let upstream = &live.config.upstream;
-        let uri = forward::task_uri(upstream, &route)?;
         let request_id = outcome.request_id.clone();
         let send = |token: &Token| {
             let headers = forward::upstream_headers(&client_headers, token, &request_id);
@@ -373,14 +416,16 @@ impl Forward {
         // applied, so the list is read again next time.
         let accepted = matches!((&answer, &envelope), (Ok(a), Some((code, _)))
             if a.status.is_success() && code.is_none_or(|c| c == 200));
-        if accepted {
-            state
-                .residue
-                .settle(&live.config.residue, list_key, caller_line, maximumcall);
-        } else {
-            state.residue.invalidate(list_key);
+        match (accepted, &checked_list) {
+            (true, Some(checked)) => state.residue.settle(
+                &live.config.residue,
+                list_key,
+                checked,
+                caller_line,
+                maximumcall,
+            ),
+            _ => state.residue.invalidate(list_key),
         }
-        drop(line);
 
         let record = match &answer {
             Ok(a) => {
@@ -400,6 +445,9 @@ impl Forward {
             },
         };
         state.audit.append(record);
+        // Only now may the next update of this line go: its attempt record
+        // comes after this outcome.
+        drop(line);
         state.metrics.observe_upstream(answer)
     }
 }

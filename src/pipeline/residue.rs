@@ -26,10 +26,10 @@ pub type ListKey = (Uuid, Option<Uuid>);
 pub type LineList = HashMap<Uuid, i64>;
 
 /// How the rule was applied to one update; the audit record says so.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
-    /// Checked against this residue and admitted.
-    Checked { residue: i64 },
+    /// Checked against this residue, read from `list`, and admitted.
+    Checked { residue: i64, list: Arc<LineList> },
     /// `residue.enabled = false`.
     Disabled,
     /// The list could not be read and `on_unavailable = "allow"`.
@@ -168,7 +168,10 @@ impl ResidueGate {
                 line: line.to_string(),
             });
         }
-        Ok(Verdict::Checked { residue })
+        Ok(Verdict::Checked {
+            residue,
+            list: lines,
+        })
     }
 
     /// Drops the cached list after an update the vendor may have applied, so
@@ -183,11 +186,22 @@ impl ResidueGate {
     /// would refuse — and keeps the entry's age, so the TTL still bounds how
     /// long the list goes unread. With `Drop`, or if the cached list is not
     /// the one this update was checked against, drops it.
-    pub fn settle(&self, cfg: &ResidueConfig, key: ListKey, line: Uuid, maximumcall: i64) {
+    pub fn settle(
+        &self,
+        cfg: &ResidueConfig,
+        key: ListKey,
+        checked: &Arc<LineList>,
+        line: Uuid,
+        maximumcall: i64,
+    ) {
         let mut cache = lock(&self.cache);
+        // Only the very list this update was checked against may be lowered:
+        // a list read since then may already show the update, and lowering it
+        // again would under-report the residue.
         if cfg.after_update == AfterUpdate::Decrement
             && let Some(entry) = cache.get_mut(&key)
             && let Some(Ok(lines)) = entry.cell.get()
+            && Arc::ptr_eq(lines, checked)
             && lines.contains_key(&line)
         {
             let mut lowered = LineList::clone(lines);
