@@ -127,7 +127,12 @@ struct Shared {
     update_fault: Mutex<Fault>,
     init_fault: Mutex<Fault>,
     token: Mutex<Option<String>>,
+    on_update: Mutex<Option<UpdateHook>>,
 }
+
+/// Runs when a task-update PUT arrives, before it is answered (tests use it
+/// to change the world at an exact point, e.g. rotate a token file).
+pub type UpdateHook = Arc<dyn Fn(&Recorded) + Send + Sync>;
 
 /// A running emulator. Knobs apply to requests that arrive after they are set.
 pub struct MockVendor {
@@ -165,6 +170,7 @@ impl MockVendor {
         let shared = Arc::new(Shared {
             lines: Mutex::new(opts.lines.clone()),
             token: Mutex::new(opts.token.clone()),
+            on_update: Mutex::new(None),
             opts,
             recorded: Mutex::new(Vec::new()),
             arrived: Notify::new(),
@@ -242,6 +248,10 @@ impl MockVendor {
 
     pub fn set_init_fault(&self, f: Fault) {
         *lock(&self.shared.init_fault) = f;
+    }
+
+    pub fn set_on_update(&self, hook: Option<UpdateHook>) {
+        *lock(&self.shared.on_update) = hook;
     }
 
     /// Requires this bearer token from now on (`None`: accept any).
@@ -334,14 +344,19 @@ async fn answer(
         .path_and_query()
         .map(|p| p.as_str().to_owned())
         .unwrap_or_default();
+    let recorded = Recorded {
+        method: parts.method.clone(),
+        version: parts.version,
+        target: target.clone(),
+        headers: parts.headers.clone(),
+        body: body.clone(),
+    };
+    lock(&shared.recorded).push(recorded.clone());
+    let hook = lock(&shared.on_update).clone();
+    if let Some(hook) = hook
+        && parts.method == Method::PUT
     {
-        lock(&shared.recorded).push(Recorded {
-            method: parts.method.clone(),
-            version: parts.version,
-            target: target.clone(),
-            headers: parts.headers.clone(),
-            body: body.clone(),
-        });
+        hook(&recorded);
     }
     shared.arrived.notify_waiters();
 

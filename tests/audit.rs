@@ -25,7 +25,11 @@ fn by_event<'a>(records: &'a [Value], event: &str) -> Vec<&'a Value> {
 #[tokio::test]
 async fn forwarded_and_refused_updates_leave_their_records() {
     let vendor = vendor().await;
-    let mut gw = Gateway::start(&vendor.url()).await;
+    // A burst of 3: the accepted update, the 409 and the unknown line use it up.
+    let mut gw = Gateway::builder(&vendor.url())
+        .toml("[limits]\nmax_body_bytes = 1024\n[rate_limit]\nper_second = 1\nburst = 3")
+        .start()
+        .await;
     let ok = put(&gw, example_path(), EXAMPLE_BODY).await;
     assert_eq!(ok.status, 200);
     let bad = put(&gw, example_path(), r#"{"maximumcall": 0}"#).await;
@@ -34,6 +38,25 @@ async fn forwarded_and_refused_updates_leave_their_records() {
     assert_eq!(over.status, 409);
     let not_json = put(&gw, example_path(), "{").await;
     assert_eq!(not_json.status, 400);
+    let text = send(
+        http::Method::PUT,
+        &gw.url(&example_path()),
+        &[("content-type", "text/plain")],
+        EXAMPLE_BODY,
+    )
+    .await;
+    assert_eq!(text.status, 415);
+    let big = put(
+        &gw,
+        example_path(),
+        format!("{{\"name\":\"{}\"}}", "x".repeat(2000)),
+    )
+    .await;
+    assert_eq!(big.status, 413);
+    let no_line = put(&gw, example_path(), body_with(1, &random_uuid())).await;
+    assert_eq!(no_line.status, 422);
+    let limited = put(&gw, example_path(), EXAMPLE_BODY).await;
+    assert_eq!(limited.status, 429);
     let unknown = put(&gw, "/elsewhere", EXAMPLE_BODY).await;
     assert_eq!(unknown.status, 404);
     gw.stop().await;
@@ -84,11 +107,15 @@ async fn forwarded_and_refused_updates_leave_their_records() {
             )
         })
         .collect();
-    let ids = [bad.request_id(), over.request_id(), not_json.request_id()];
+    let ids = [&bad, &over, &not_json, &text, &big, &no_line, &limited].map(|r| r.request_id());
     let want: HashSet<(&str, &str)> = [
         (ids[0].as_str(), "validation_failed"),
         (ids[1].as_str(), "residue_exceeded"),
         (ids[2].as_str(), "invalid_json"),
+        (ids[3].as_str(), "unsupported_media_type"),
+        (ids[4].as_str(), "payload_too_large"),
+        (ids[5].as_str(), "unknown_caller_line"),
+        (ids[6].as_str(), "rate_limited"),
     ]
     .into_iter()
     .collect();
@@ -101,6 +128,7 @@ async fn forwarded_and_refused_updates_leave_their_records() {
         .find(|r| r["reason"] == "residue_exceeded")
         .unwrap();
     assert_eq!(over_rec["request"]["maximumcall"], 99);
+    assert_eq!(over_rec["residue"], 5, "the residue it was refused against");
     assert!(
         !std::fs::read_to_string(gw.audit_path())
             .unwrap()

@@ -21,7 +21,7 @@ use tokio::sync::watch;
 
 pub use taskgate::mock_vendor::{
     EXAMPLE_BODY, EXAMPLE_LINE, EXAMPLE_TASK, EXAMPLE_USER, Fault, Line, MockOptions, MockVendor,
-    SUCCESS_BODY,
+    Recorded, SUCCESS_BODY,
 };
 
 /// A token unlikely to occur by chance, so a leak is easy to spot.
