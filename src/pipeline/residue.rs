@@ -379,6 +379,58 @@ mod tests {
         }
     }
 
+    fn cfg(after_update: AfterUpdate) -> ResidueConfig {
+        ResidueConfig {
+            enabled: true,
+            path: "/agent-api/user/{user_id}/task/create".into(),
+            cache_ttl: std::time::Duration::from_secs(60),
+            on_unavailable: OnUnavailable::Reject,
+            after_update,
+        }
+    }
+
+    fn cached(gate: &ResidueGate, key: ListKey, list: Arc<LineList>) {
+        let cell = Arc::new(OnceCell::new_with(Some(Ok(list))));
+        lock(&gate.cache).insert(
+            key,
+            CacheEntry {
+                cell,
+                created: Instant::now(),
+            },
+        );
+    }
+
+    fn residue_of(gate: &ResidueGate, key: ListKey, line: Uuid) -> Option<i64> {
+        let cache = lock(&gate.cache);
+        let entry = cache.get(&key)?;
+        match entry.cell.get() {
+            Some(Ok(lines)) => lines.get(&line).copied(),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn settle_decrements_only_the_list_it_was_checked_against() {
+        let gate = ResidueGate::default();
+        let key = (Uuid::new_v4(), None);
+        let line = Uuid::new_v4();
+        let checked = Arc::new(LineList::from([(line, 5)]));
+        cached(&gate, key, checked.clone());
+        gate.settle(&cfg(AfterUpdate::Decrement), key, &checked, line, 3);
+        assert_eq!(residue_of(&gate, key, line), Some(2));
+
+        // A list read since the check may already show the update: dropped, not lowered again.
+        let newer = Arc::new(LineList::from([(line, 2)]));
+        cached(&gate, key, newer);
+        gate.settle(&cfg(AfterUpdate::Decrement), key, &checked, line, 3);
+        assert_eq!(residue_of(&gate, key, line), None);
+
+        // `drop` always forgets the list.
+        cached(&gate, key, checked.clone());
+        gate.settle(&cfg(AfterUpdate::Drop), key, &checked, line, 3);
+        assert_eq!(residue_of(&gate, key, line), None);
+    }
+
     #[tokio::test]
     async fn line_locks_serialise_and_clean_up() {
         let gate = ResidueGate::default();
