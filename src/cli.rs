@@ -202,6 +202,7 @@ fn mock_upstream(
             Ok(v) => v,
             Err(e) => return fail(1, format!("cannot listen on {listen}: {e}")),
         };
+        vendor.set_recording(false);
         tracing::info!(listen = %vendor.addr, "vendor emulator ready");
         shutdown_signal().await;
         vendor.stop().await;
@@ -243,6 +244,7 @@ fn demo(path: Option<PathBuf>, upstream_listen: String) -> ExitCode {
                 );
             }
         };
+        vendor.set_recording(false);
         let listen = config.listen;
         eprintln!(
             "\ntaskgate demo: vendor emulator on {}, gateway on {listen}. Try:\n\n\

@@ -128,7 +128,12 @@ struct Shared {
     init_fault: Mutex<Fault>,
     token: Mutex<Option<String>>,
     on_update: Mutex<Option<UpdateHook>>,
+    /// Tests read what arrived; a long-running `mock-upstream` must not keep it.
+    recording: std::sync::atomic::AtomicBool,
 }
+
+/// At most this many requests are kept (the oldest half goes past it).
+const RECORD_LIMIT: usize = 100_000;
 
 /// Runs when a task-update PUT arrives, before it is answered (tests use it
 /// to change the world at an exact point, e.g. rotate a token file).
@@ -171,6 +176,7 @@ impl MockVendor {
             lines: Mutex::new(opts.lines.clone()),
             token: Mutex::new(opts.token.clone()),
             on_update: Mutex::new(None),
+            recording: std::sync::atomic::AtomicBool::new(true),
             opts,
             recorded: Mutex::new(Vec::new()),
             arrived: Notify::new(),
@@ -248,6 +254,16 @@ impl MockVendor {
 
     pub fn set_init_fault(&self, f: Fault) {
         *lock(&self.shared.init_fault) = f;
+    }
+
+    /// Keep (tests) or forget (the `mock-upstream` command) what arrives.
+    pub fn set_recording(&self, on: bool) {
+        self.shared
+            .recording
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+        if !on {
+            lock(&self.shared.recorded).clear();
+        }
     }
 
     pub fn set_on_update(&self, hook: Option<UpdateHook>) {
@@ -351,7 +367,13 @@ async fn answer(
         headers: parts.headers.clone(),
         body: body.clone(),
     };
-    lock(&shared.recorded).push(recorded.clone());
+    if shared.recording.load(std::sync::atomic::Ordering::Relaxed) {
+        let mut all = lock(&shared.recorded);
+        if all.len() >= RECORD_LIMIT {
+            all.drain(..RECORD_LIMIT / 2);
+        }
+        all.push(recorded.clone());
+    }
     let hook = lock(&shared.on_update).clone();
     if let Some(hook) = hook
         && parts.method == Method::PUT
