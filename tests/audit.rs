@@ -208,13 +208,7 @@ async fn an_unwritable_audit_log_fails_closed() {
         vendor.updates().is_empty(),
         "nothing forwarded without a durable record"
     );
-    let ready = send(
-        http::Method::GET,
-        &format!("http://{}/readyz", gw.admin),
-        &[],
-        "",
-    )
-    .await;
+    let ready = gw.admin_get("/readyz").await;
     assert_eq!(ready.status, 503);
     assert!(ready.text().contains("audit"), "{}", ready.text());
 
@@ -232,13 +226,7 @@ async fn an_unwritable_audit_log_fails_closed() {
     std::fs::create_dir(&later).unwrap();
     // The writer re-opens the log once a second and says so.
     gw.wait_stderr("audit log writable again").await;
-    let ready = send(
-        http::Method::GET,
-        &format!("http://{}/readyz", gw.admin),
-        &[],
-        "",
-    )
-    .await;
+    let ready = gw.admin_get("/readyz").await;
     assert_eq!(ready.status, 200, "readyz recovers with the log");
     assert_eq!(put(&gw, example_path(), EXAMPLE_BODY).await.status, 200);
 }

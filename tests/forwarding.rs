@@ -369,15 +369,9 @@ async fn token_from_a_file_and_admin_probes() {
         format!("Bearer {TOKEN}")
     );
 
-    let health = send(
-        Method::GET,
-        &format!("http://{}/healthz", gw.admin),
-        &[],
-        "",
-    )
-    .await;
+    let health = gw.admin_get("/healthz").await;
     assert_eq!(health.status, 200);
-    let ready = send(Method::GET, &format!("http://{}/readyz", gw.admin), &[], "").await;
+    let ready = gw.admin_get("/readyz").await;
     assert_eq!(ready.status, 200);
     gw.assert_token_never_logged();
 }

@@ -1308,13 +1308,7 @@ async fn through_fault(how: Misbehaviour, status: u16, reason: &str) {
     }
     assert!(is_fresh_uuid(&resp.request_id()));
     // The gateway itself is fine afterwards.
-    let health = send(
-        Method::GET,
-        &format!("http://{}/healthz", gw.admin),
-        &[],
-        "",
-    )
-    .await;
+    let health = gw.admin_get("/healthz").await;
     assert_eq!(health.status, 200);
     gw.assert_token_never_logged();
 }

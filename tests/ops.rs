@@ -5,20 +5,12 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use http::Method;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 async fn metrics(gw: &Gateway) -> String {
-    send(
-        Method::GET,
-        &format!("http://{}/metrics", gw.admin),
-        &[],
-        "",
-    )
-    .await
-    .text()
+    gw.admin_get("/metrics").await.text()
 }
 
 /// The value of one sample line, 0 when absent.
@@ -90,16 +82,7 @@ async fn sigterm_lets_the_request_in_flight_finish_then_exits_0() {
         .start()
         .await;
     vendor.set_delay(Duration::from_millis(1500));
-    let url = gw.url(&example_path());
-    let in_flight = tokio::spawn(async move {
-        send(
-            Method::PUT,
-            &url,
-            &[("content-type", "application/json")],
-            EXAMPLE_BODY,
-        )
-        .await
-    });
+    let in_flight = gw.spawn_example_put();
     // The update has reached the vendor: it is in flight now.
     tokio::time::timeout(Duration::from_secs(10), vendor.wait_for_requests(1))
         .await
@@ -283,21 +266,7 @@ async fn past_max_inflight_is_503_overloaded() {
         .start()
         .await;
     vendor.set_delay(Duration::from_secs(2));
-    let url = gw.url(&example_path());
-    let slow: Vec<_> = (0..2)
-        .map(|_| {
-            let url = url.clone();
-            tokio::spawn(async move {
-                send(
-                    Method::PUT,
-                    &url,
-                    &[("content-type", "application/json")],
-                    EXAMPLE_BODY,
-                )
-                .await
-            })
-        })
-        .collect();
+    let slow: Vec<_> = (0..2).map(|_| gw.spawn_example_put()).collect();
     tokio::time::timeout(Duration::from_secs(10), vendor.wait_for_requests(2))
         .await
         .expect("both slow updates are in flight");

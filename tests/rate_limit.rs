@@ -53,13 +53,7 @@ async fn third_quick_request_is_429_while_another_user_passes() {
             == 200
     );
 
-    let metrics = send(
-        http::Method::GET,
-        &format!("http://{}/metrics", gw.admin),
-        &[],
-        "",
-    )
-    .await;
+    let metrics = gw.admin_get("/metrics").await;
     assert!(
         metrics.text().contains("taskgate_rate_limited_total 2"),
         "{}",

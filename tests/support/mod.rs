@@ -222,6 +222,32 @@ impl Gateway {
         Gateway::builder(upstream).start().await
     }
 
+    /// A GET on the admin listener (`/metrics`, `/healthz`, `/readyz`).
+    pub async fn admin_get(&self, path: &str) -> Resp {
+        send(
+            Method::GET,
+            &format!("http://{}{path}", self.admin),
+            &[],
+            "",
+        )
+        .await
+    }
+
+    /// A JSON PUT of the example body, spawned so it can be in flight while
+    /// the test does something else.
+    pub fn spawn_example_put(&self) -> tokio::task::JoinHandle<Resp> {
+        let url = self.url(&example_path());
+        tokio::spawn(async move {
+            send(
+                Method::PUT,
+                &url,
+                &[("content-type", "application/json")],
+                EXAMPLE_BODY,
+            )
+            .await
+        })
+    }
+
     /// The audit log this gateway writes (in its temp dir unless overridden).
     pub fn audit_path(&self) -> PathBuf {
         self.dir.path().join("audit.jsonl")
