@@ -90,7 +90,7 @@ pub async fn serve<H, F>(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
-        .max_headers(128)
+        .max_headers(100)
         .max_buf_size(64 * 1024);
     // hyper has no header timeout for h2: a peer that stops answering (a
     // stalled request head, or nothing after the preface) is found by an

@@ -116,7 +116,7 @@ use serde::{Deserialize, Serialize};
 pub use record::{Event, GENESIS_PREV, Record};
 pub use verify::{Location, Problem, VerifyError, VerifyReport, verify};
 pub use writer::{
-    AuditLog, AuditWriterTask, QUEUE_CAPACITY, RETRY_INTERVAL, SYNC_INTERVAL, audit_files,
+    AuditLog, AuditWriterTask, RETRY_INTERVAL, SYNC_INTERVAL, audit_files,
     rotated_path,
 };
 

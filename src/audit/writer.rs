@@ -1,37 +1,39 @@
-//! The audit writer: one OS thread owns the active file and turns queued records
-//! into lines — one `write` and (with `fsync = "always"`) one `fsync` per batch of
-//! whatever was queued meanwhile (group commit) — plus resuming the chain at
-//! start-up, rotation, and recovery from an unwritable log.
+//! The audit writer. The request path encodes, chains and writes its own record
+//! into the active file, under one lock: no hand-off to another thread, so an
+//! `attempt` with `fsync = "never"`/`"interval"` costs one `write` and no wake-up.
+//! One background thread does what must not hold up a request: the
+//! group-commit `fdatasync` that `fsync = "always"` attempts wait for (every
+//! attempt written while one sync runs shares the next), the once-a-second
+//! sync, re-opening an unwritable log, and the final sync at shutdown. Also here:
+//! resuming the chain at start-up, and rotation.
 
 use std::ffi::OsString;
 use std::fmt;
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll, Wake, Waker};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use time::OffsetDateTime;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tracing::{error, info, warn};
 
 use super::record::{Event, GENESIS, HexHash, Parsed, Record, encode_line, parse_line, timestamp};
 use super::{AuditConfig, AuditError, AuditObserver, FsyncPolicy};
 
-/// Records queued for the writer at most. Past it `append_durable` waits for room
-/// (backpressure) and `append` drops the record (counted). Bounded so a stalled
-/// disk costs at most a few MiB of queued records, not the process.
-pub const QUEUE_CAPACITY: usize = 16_384;
 /// How often an unwritable log is re-opened.
 pub const RETRY_INTERVAL: Duration = Duration::from_secs(1);
-/// How often `fsync = "interval"` syncs (when something was written).
+/// How often `fsync = "interval"` syncs (when something was written), and how
+/// long `outcome`/`rejected` records wait for a sync with `"always"` (give or
+/// take [`IDLE_CHECK`]).
 pub const SYNC_INTERVAL: Duration = Duration::from_secs(1);
-/// Records per write at most; keeps one write (and the buffer) bounded.
-const MAX_BATCH: usize = 1024;
-/// The write buffer is shrunk back after a batch larger than this.
+/// The sync thread looks at least this often for an interval sync that is due
+/// (writes do not wake it for that) and whether every handle is gone.
+const IDLE_CHECK: Duration = Duration::from_millis(250);
+/// The line buffer is shrunk back after a record larger than this.
 const KEEP_BUF: usize = 1 << 20;
 /// Chunk size of the backwards scan for the last record at start-up.
 const SCAN_CHUNK: usize = 64 * 1024;
@@ -41,28 +43,30 @@ const MAX_LINE: u64 = 64 << 20;
 
 type Ack = oneshot::Sender<Result<u64, AuditError>>;
 
-// Records travel by value: boxing them would add an allocation per request
-// to save a copy; `Shutdown` is sent once.
-#[allow(clippy::large_enum_variant)]
-enum Msg {
-    /// `Some(ack)` for `append_durable`: answered once the record is durable.
-    Append(Record, Option<Ack>),
-    /// Stop taking records, write what is queued, sync, exit.
-    Shutdown,
-}
-
-/// Shared by the handles and the writer thread.
+/// Shared by the handles and the sync thread.
 struct Shared {
-    /// Whether the writer has the file open and healthy. Read by every
-    /// `append*` (fail fast) and by readyz.
+    /// Whether the log is open and healthy. Read by every `append*` (fail fast)
+    /// and by readyz without taking the lock.
     writable: AtomicBool,
     observer: Arc<dyn AuditObserver>,
+    state: Mutex<Writer>,
+    /// Wakes the sync thread: an attempt waits for its fsync, the log became
+    /// dirty, or shutdown.
+    wake: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Writer> {
+        // A panic while holding the lock leaves the writer's fields consistent
+        // at every await-free step that matters (the file is the truth, and the
+        // next open re-reads it), so the log stays usable.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 /// A cheap, cloneable handle to the audit log.
 #[derive(Clone)]
 pub struct AuditLog {
-    tx: mpsc::Sender<Msg>,
     shared: Arc<Shared>,
 }
 
@@ -70,18 +74,17 @@ impl fmt::Debug for AuditLog {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AuditLog")
             .field("writable", &self.is_writable())
-            .field("queued", &self.queue_len())
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
-/// The writer thread, owned by the application and stopped with
+/// The sync thread, owned by the application and stopped with
 /// [`AuditWriterTask::shutdown`] after the listeners have drained. Dropping it
 /// without `shutdown` leaves the thread running until every [`AuditLog`] handle
-/// is gone; it then writes what is queued, syncs and exits.
-#[must_use = "await `shutdown()` at exit so queued records are written and synced"]
+/// is gone; it then syncs what was written and exits.
+#[must_use = "await `shutdown()` at exit so written records are synced"]
 pub struct AuditWriterTask {
-    tx: mpsc::Sender<Msg>,
+    shared: Arc<Shared>,
     thread: thread::JoinHandle<Result<(), AuditError>>,
 }
 
@@ -93,13 +96,13 @@ impl fmt::Debug for AuditWriterTask {
 
 impl AuditLog {
     /// Opens (or creates) `cfg.path`, resumes `seq` and the chain from the last
-    /// record on disk, and starts the writer thread.
+    /// record on disk, and starts the sync thread.
     ///
     /// Never fails because the log is unwritable: the handle then starts "not
     /// writable" ([`AuditLog::is_writable`] is false, attempts fail fast) and the
-    /// writer retries every [`RETRY_INTERVAL`] until it can open the file. The
-    /// first open happens here, synchronously, so a healthy log is writable when
-    /// this returns. Needs no runtime; `shutdown` does.
+    /// sync thread retries every [`RETRY_INTERVAL`] until it can open the file.
+    /// The first open happens here, synchronously, so a healthy log is writable
+    /// when this returns. Needs no runtime; `shutdown` does.
     pub fn start(
         cfg: AuditConfig,
         observer: Arc<dyn AuditObserver>,
@@ -112,79 +115,99 @@ impl AuditLog {
         observer: Arc<dyn AuditObserver>,
         faults: Faults,
     ) -> (AuditLog, AuditWriterTask) {
-        let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
         let shared = Arc::new(Shared {
             writable: AtomicBool::new(false),
-            observer,
+            observer: Arc::clone(&observer),
+            state: Mutex::new(Writer::new(cfg, observer, faults)),
+            wake: Condvar::new(),
         });
-        let mut writer = Writer::new(cfg, Arc::clone(&shared), faults);
-        writer.try_open();
+        shared.lock().try_open(&shared.writable);
         let thread = thread::Builder::new()
             .name("taskgate-audit".into())
-            .spawn(move || writer.run(rx))
-            .expect("the OS starts the audit writer thread (start-up)");
+            .spawn({
+                let shared = Arc::clone(&shared);
+                move || sync_thread(&shared)
+            })
+            .expect("the OS starts the audit sync thread (start-up)");
         (
             AuditLog {
-                tx: tx.clone(),
-                shared,
+                shared: Arc::clone(&shared),
             },
-            AuditWriterTask { tx, thread },
+            AuditWriterTask { shared, thread },
         )
     }
 
-    /// Appends `rec` and waits until it is durable (per the fsync policy: synced
-    /// for `always`, handed to the OS for `interval`/`never`); returns its `seq`.
-    /// For `attempt` records: on `Err` the request must not be forwarded (503
-    /// audit_unavailable). Fails at once when the log is not writable; waits for
-    /// room when the queue is full. If the caller's future is dropped after the
-    /// record was queued, the record is still written.
+    /// Appends `rec` and waits until it is durable per the fsync policy (synced
+    /// for `always`; written to the OS for `interval`/`never`, which return
+    /// without waiting); returns its `seq`. For `attempt` records: on `Err` the
+    /// request must not be forwarded (503 audit_unavailable). Fails at once when
+    /// the log is not writable. If the caller's future is dropped while it waits
+    /// for the sync, the record is still in the log.
     pub async fn append_durable(&self, rec: Record) -> Result<u64, AuditError> {
         if !self.is_writable() {
-            return Err(if self.tx.is_closed() {
-                AuditError::Closed
-            } else {
-                AuditError::NotWritable
-            });
+            return Err(self.unavailable());
         }
-        let (ack, done) = oneshot::channel();
-        self.tx
-            .send(Msg::Append(rec, Some(ack)))
-            .await
-            .map_err(|_| AuditError::Closed)?;
+        let done = {
+            let mut w = self.shared.lock();
+            let seq = w.write(&rec, true, &self.shared.writable)?;
+            if w.policy != FsyncPolicy::Always {
+                return Ok(seq);
+            }
+            let (ack, done) = oneshot::channel();
+            w.waiting.push((seq, ack));
+            if w.thread_idle {
+                w.thread_idle = false;
+                self.shared.wake.notify_one();
+            }
+            done
+        };
         done.await.map_err(|_| AuditError::Closed)?
     }
 
-    /// Queues `rec` (`outcome`, `rejected`) without waiting for the disk. When the
-    /// log is not writable, the queue is full, or the write later fails, the
-    /// record is dropped and counted through [`AuditObserver::record_dropped`].
+    /// Writes `rec` (`outcome`, `rejected`) without waiting for the disk. When the
+    /// log is not writable or the write fails, the record is dropped and counted
+    /// through [`AuditObserver::record_dropped`].
     pub fn append(&self, rec: Record) {
-        let event = rec.event;
-        if !self.is_writable() || self.tx.try_send(Msg::Append(rec, None)).is_err() {
-            self.shared.observer.record_dropped(event);
+        if self.is_writable() {
+            let mut w = self.shared.lock();
+            if w.write(&rec, false, &self.shared.writable).is_ok() {
+                return;
+            }
         }
+        self.shared.observer.record_dropped(rec.event);
     }
 
-    /// Whether the writer has the log open and its last write succeeded (readyz).
+    /// Whether the log is open and its last write and sync succeeded (readyz).
     pub fn is_writable(&self) -> bool {
         self.shared.writable.load(Ordering::Acquire)
     }
 
-    /// Records queued and not yet taken by the writer (a gauge for metrics).
+    /// Attempts written and waiting for the next fsync to start (`always`).
     pub fn queue_len(&self) -> usize {
-        self.tx.max_capacity() - self.tx.capacity()
+        self.shared.lock().waiting.len()
+    }
+
+    fn unavailable(&self) -> AuditError {
+        if self.shared.lock().closed {
+            AuditError::Closed
+        } else {
+            AuditError::NotWritable
+        }
     }
 }
 
 impl AuditWriterTask {
-    /// Stops the writer: records queued before this call are written, the file is
-    /// synced (whatever the fsync policy) and the thread is joined. Appends after
-    /// this fail with [`AuditError::Closed`] (or are dropped). Waits while the
-    /// queue is full, and for as long as a hung disk blocks the last fsync: wrap
-    /// it in the shutdown grace timeout.
+    /// Stops the log: appends from now on fail with [`AuditError::Closed`] (or
+    /// are dropped), what was written is synced (whatever the fsync policy),
+    /// waiting attempts are answered and the thread is joined. Waits for as
+    /// long as a hung disk blocks the last fsync: wrap it in the shutdown grace
+    /// timeout.
     pub async fn shutdown(self) -> Result<(), AuditError> {
-        // An error means the writer is already gone; joining says why.
-        let _ = self.tx.send(Msg::Shutdown).await;
-        drop(self.tx);
+        {
+            let mut w = self.shared.lock();
+            w.closed = true;
+            self.shared.wake.notify_one();
+        }
         let thread = self.thread;
         match tokio::task::spawn_blocking(move || thread.join()).await {
             Ok(Ok(result)) => result,
@@ -217,7 +240,8 @@ impl Faults {
 
 /// The open active file.
 struct Active {
-    file: File,
+    /// Shared with the sync thread, which syncs it without holding the lock.
+    file: Arc<File>,
     /// Bytes in the file; a failed write is truncated back to this.
     len: u64,
     /// The file ends in a torn line without `\n`: the next write starts with one.
@@ -227,26 +251,49 @@ struct Active {
     has_records: bool,
 }
 
+/// A point in the log: the active file's length and the chain head there.
+#[derive(Clone, Copy)]
+struct Mark {
+    len: u64,
+    next_seq: u64,
+    prev: HexHash,
+}
+
+/// The log's state, behind [`Shared::state`].
 struct Writer {
     path: PathBuf,
     policy: FsyncPolicy,
     max_bytes: u64,
-    shared: Arc<Shared>,
+    observer: Arc<dyn AuditObserver>,
     faults: Faults,
     active: Option<Active>,
-    /// The chain head: `seq` and `prev` of the next record. Advanced only once a
-    /// record is written (and synced, with `always`), so a failed batch leaves
-    /// no gap.
+    /// The chain head: `seq` and `prev` of the next record.
     next_seq: u64,
     prev: HexHash,
     /// Whether `next_seq`/`prev` come from the log (false before the first open).
     chain_known: bool,
-    /// Reused serialisation buffer: one batch, written with one `write_all`.
+    /// Reused line buffer; byte 0 is room for the `\n` that ends a torn line.
     buf: Vec<u8>,
-    /// Records in `buf` not yet committed: (seq, event, ack).
-    inflight: Vec<(u64, Event, Option<Ack>)>,
-    /// Written but not synced (`interval`/`never`).
+    /// The last formatted `ts` and the millisecond it stands for.
+    ts: (i128, String),
+    /// `always`: attempts written, waiting for the next fsync.
+    waiting: Vec<(u64, Ack)>,
+    /// `always`: attempts covered by the fsync running now.
+    syncing: Vec<(u64, Ack)>,
+    /// `always`: records written since `synced` — (seq, event, someone waits).
+    /// Counted as written once synced; dropped if a failure takes them back.
+    unsynced: Vec<(u64, Event, bool)>,
+    /// `always`: the last point known durable, where a failed write or sync
+    /// takes the file and the chain back to.
+    synced: Mark,
+    /// Bumped whenever the active file is replaced or dropped, so a sync that
+    /// ran on the old file does not move the new one's durable point.
+    epoch: u64,
+    /// Written but not synced.
     dirty: bool,
+    /// The sync thread waits for work; a notify is needed to wake it.
+    thread_idle: bool,
+    closed: bool,
     last_sync: Instant,
     retry_at: Instant,
     /// The error that made the log unwritable, logged once per distinct error.
@@ -259,21 +306,32 @@ struct Writer {
 }
 
 impl Writer {
-    fn new(cfg: AuditConfig, shared: Arc<Shared>, faults: Faults) -> Self {
+    fn new(cfg: AuditConfig, observer: Arc<dyn AuditObserver>, faults: Faults) -> Self {
         let now = Instant::now();
         Writer {
             path: cfg.path,
             policy: cfg.fsync,
             max_bytes: cfg.max_bytes,
-            shared,
+            observer,
             faults,
             active: None,
             next_seq: 1,
             prev: GENESIS,
             chain_known: false,
-            buf: Vec::with_capacity(64 * 1024),
-            inflight: Vec::new(),
+            buf: Vec::with_capacity(4096),
+            ts: (i128::MIN, String::new()),
+            waiting: Vec::new(),
+            syncing: Vec::new(),
+            unsynced: Vec::new(),
+            synced: Mark {
+                len: 0,
+                next_seq: 1,
+                prev: GENESIS,
+            },
+            epoch: 0,
             dirty: false,
+            thread_idle: false,
+            closed: false,
             last_sync: now,
             retry_at: now,
             last_error: None,
@@ -282,46 +340,189 @@ impl Writer {
         }
     }
 
-    fn run(mut self, mut rx: mpsc::Receiver<Msg>) -> Result<(), AuditError> {
-        // However the thread ends (even by a panic), handles must stop reporting
-        // the log writable.
-        let _not_writable_on_exit = NotWritableOnExit(Arc::clone(&self.shared));
-        let waker = Waker::from(Arc::new(ThreadWaker(thread::current())));
-        let mut cx = Context::from_waker(&waker);
-        let mut batch: Vec<(Record, Option<Ack>)> = Vec::new();
-        loop {
-            match recv_until(&mut rx, self.deadline(), &mut cx) {
-                Recv::Msg(first) => {
-                    // Group commit: everything queued meanwhile joins this batch.
-                    push(first, &mut batch, &mut rx);
-                    while batch.len() < MAX_BATCH {
-                        match rx.try_recv() {
-                            Ok(msg) => push(msg, &mut batch, &mut rx),
-                            Err(_) => break,
-                        }
-                    }
-                }
-                Recv::Timeout => {}
-                Recv::Closed => break,
-            }
-            if self.active.is_none() && Instant::now() >= self.retry_at {
-                self.try_open();
-            }
-            if !batch.is_empty() {
-                self.write_batch(&mut batch);
-            }
-            if self.policy != FsyncPolicy::Never
-                && self.dirty
-                && self.last_sync.elapsed() >= SYNC_INTERVAL
-            {
-                self.sync();
-            }
+    /// The current `ts`, formatted at most once per millisecond.
+    fn timestamp(&mut self) -> String {
+        let now = OffsetDateTime::now_utc();
+        let ms = now.unix_timestamp_nanos() / 1_000_000;
+        if self.ts.0 != ms {
+            self.ts = (ms, timestamp(now));
         }
-        self.finish()
+        self.ts.1.clone()
     }
 
-    /// When the loop must wake up without a record: to retry opening, or for the
-    /// once-a-second sync.
+    /// Encodes, chains and writes one record; returns its `seq`. On failure the
+    /// record is not in the file and the log is unwritable (with `always`, the
+    /// file and chain are taken back to the last durable point).
+    fn write(
+        &mut self,
+        rec: &Record,
+        waited: bool,
+        writable: &AtomicBool,
+    ) -> Result<u64, AuditError> {
+        if self.closed {
+            return Err(AuditError::Closed);
+        }
+        if self.active.is_none() {
+            return Err(AuditError::NotWritable);
+        }
+        let ts = self.timestamp();
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.clear();
+        buf.push(b'\n');
+        let encoded = encode_line(&mut buf, self.next_seq, &ts, rec, &self.prev);
+        let result = match encoded {
+            Ok(hash) => self.commit(&buf, hash, rec.event, waited, writable),
+            Err(e) => {
+                warn!(request_id = %rec.request_id, cause = %e, "audit record could not be serialised");
+                Err(AuditError::Encode(e.to_string()))
+            }
+        };
+        if buf.capacity() > KEEP_BUF {
+            buf = Vec::with_capacity(4096);
+        }
+        self.buf = buf;
+        result
+    }
+
+    /// Writes the encoded line (`buf[1..]`, or all of `buf` after a torn line).
+    fn commit(
+        &mut self,
+        buf: &[u8],
+        hash: HexHash,
+        event: Event,
+        waited: bool,
+        writable: &AtomicBool,
+    ) -> Result<u64, AuditError> {
+        if self.must_rotate(buf.len() as u64 - 1)
+            && let Err(e) = self.rotate()
+        {
+            self.fail(&e, "rotate", writable);
+            return Err(write_error(&e));
+        }
+        let Some(active) = self.active.as_mut() else {
+            return Err(AuditError::NotWritable);
+        };
+        let bytes = if active.need_newline { buf } else { &buf[1..] };
+        let before = active.len;
+        if let Err(e) = (&*active.file).write_all(bytes) {
+            if let Err(te) = active.file.set_len(before) {
+                warn!(
+                    file = %self.path.display(),
+                    cause = %te,
+                    "could not truncate a failed audit write; the next open skips the partial line"
+                );
+            }
+            self.fail(&e, "write", writable);
+            return Err(write_error(&e));
+        }
+        active.len += bytes.len() as u64;
+        active.need_newline = false;
+        active.has_records = true;
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.prev = hash;
+        self.dirty = true;
+        if self.policy == FsyncPolicy::Always {
+            self.unsynced.push((seq, event, waited));
+        } else {
+            self.observer.record_written(event);
+        }
+        Ok(seq)
+    }
+
+    /// Whether a file holding records would grow past `max_bytes` with `pending`
+    /// more bytes (a record larger than `max_bytes` still gets a file of its own).
+    fn must_rotate(&self, pending: u64) -> bool {
+        match &self.active {
+            Some(a) => {
+                self.max_bytes > 0
+                    && !self.rotation_blocked
+                    && a.has_records
+                    && a.len + pending > self.max_bytes
+            }
+            None => false,
+        }
+    }
+
+    /// A write or sync failed: with `always`, the file and the chain go back to
+    /// the last durable point and everything after it is refused or dropped
+    /// (nobody was told those records were kept); otherwise written records
+    /// stay. Then the log is unwritable until re-opened.
+    fn fail(&mut self, err: &io::Error, op: &'static str, writable: &AtomicBool) {
+        if self.policy == FsyncPolicy::Always {
+            if let Some(active) = &self.active
+                && let Err(te) = active.file.set_len(self.synced.len)
+            {
+                warn!(
+                    file = %self.path.display(),
+                    cause = %te,
+                    "could not truncate unsynced audit records; the next open resumes after them"
+                );
+            }
+            self.next_seq = self.synced.next_seq;
+            self.prev = self.synced.prev;
+        }
+        // Unwritable first, so a caller that sees the error also sees
+        // `is_writable() == false`.
+        self.set_unwritable(err, op, writable);
+        self.fail_pending(&write_error(err));
+    }
+
+    /// Refuses the attempts waiting for a sync and counts the other unsynced
+    /// records as dropped.
+    fn fail_pending(&mut self, err: &AuditError) {
+        for (_, ack) in self.waiting.drain(..).chain(self.syncing.drain(..)) {
+            let _ = ack.send(Err(err.clone()));
+        }
+        for (_, event, waited) in self.unsynced.drain(..) {
+            if !waited {
+                self.observer.record_dropped(event);
+            }
+        }
+    }
+
+    /// Everything up to `upto` (a [`Mark`] of the current file) is durable.
+    fn synced_to(&mut self, upto: Mark) {
+        self.synced = upto;
+        self.covered(upto.next_seq);
+    }
+
+    /// The records before `next_seq` are durable: count them, answer the
+    /// attempts among them.
+    fn covered(&mut self, next_seq: u64) {
+        let done = self
+            .unsynced
+            .iter()
+            .take_while(|(seq, _, _)| *seq < next_seq)
+            .count();
+        for (_, event, _) in self.unsynced.drain(..done) {
+            self.observer.record_written(event);
+        }
+        for (seq, ack) in self.syncing.drain(..) {
+            // The caller may have gone away; the record is kept anyway.
+            let _ = ack.send(Ok(seq));
+        }
+        let done = self
+            .waiting
+            .iter()
+            .take_while(|(seq, _)| *seq < next_seq)
+            .count();
+        for (seq, ack) in self.waiting.drain(..done) {
+            let _ = ack.send(Ok(seq));
+        }
+    }
+
+    /// The current end of the log.
+    fn mark(&self) -> Option<Mark> {
+        self.active.as_ref().map(|a| Mark {
+            len: a.len,
+            next_seq: self.next_seq,
+            prev: self.prev,
+        })
+    }
+
+    /// When the sync thread must look again without being woken: to retry
+    /// opening, or for the once-a-second sync.
     fn deadline(&self) -> Option<Instant> {
         if self.active.is_none() {
             Some(self.retry_at)
@@ -332,20 +533,29 @@ impl Writer {
         }
     }
 
-    fn try_open(&mut self) -> bool {
+    /// Whether the sync thread has a sync to run now.
+    fn sync_due(&self) -> bool {
+        self.active.is_some()
+            && (!self.waiting.is_empty()
+                || (self.policy != FsyncPolicy::Never
+                    && self.dirty
+                    && self.last_sync.elapsed() >= SYNC_INTERVAL))
+    }
+
+    fn try_open(&mut self, writable: &AtomicBool) -> bool {
         match resume(&self.path, self.policy) {
             Ok(found) => {
-                self.adopt(found);
+                self.adopt(found, writable);
                 true
             }
             Err(e) => {
-                self.set_unwritable(&e, "open");
+                self.set_unwritable(&e, "open", writable);
                 false
             }
         }
     }
 
-    fn adopt(&mut self, found: Resumed) {
+    fn adopt(&mut self, found: Resumed, writable: &AtomicBool) {
         for &offset in &found.torn {
             if !self.reported_torn.contains(&offset) {
                 warn!(
@@ -353,7 +563,7 @@ impl Writer {
                     offset,
                     "torn line in the audit log (crash mid-write?): skipped, the chain continues from the last complete record"
                 );
-                self.shared.observer.torn_line();
+                self.observer.torn_line();
                 self.reported_torn.push(offset);
             }
         }
@@ -391,20 +601,27 @@ impl Writer {
             }
         }
         self.chain_known = true;
+        self.synced = Mark {
+            len: found.active.len,
+            next_seq: self.next_seq,
+            prev: self.prev,
+        };
         self.active = Some(found.active);
+        self.epoch += 1;
         self.dirty = false;
         self.last_sync = Instant::now();
-        self.shared.writable.store(true, Ordering::Release);
+        writable.store(true, Ordering::Release);
         if self.last_error.take().is_some() {
             info!(file = %self.path.display(), next_seq = self.next_seq, "audit log writable again");
         }
     }
 
     /// Drops the file and refuses records until a re-open succeeds.
-    fn set_unwritable(&mut self, err: &io::Error, op: &'static str) {
+    fn set_unwritable(&mut self, err: &io::Error, op: &'static str, writable: &AtomicBool) {
         self.active = None;
+        self.epoch += 1;
         self.dirty = false;
-        self.shared.writable.store(false, Ordering::Release);
+        writable.store(false, Ordering::Release);
         self.retry_at = Instant::now() + RETRY_INTERVAL;
         let text = format!("{op}: {err}");
         if self.last_error.as_deref() != Some(&text) {
@@ -418,168 +635,8 @@ impl Writer {
         }
     }
 
-    fn write_batch(&mut self, batch: &mut Vec<(Record, Option<Ack>)>) {
-        if self.active.is_none() {
-            for (rec, ack) in batch.drain(..) {
-                self.fail(rec.event, ack, &AuditError::NotWritable);
-            }
-            return;
-        }
-        // One timestamp per batch: the records are written at the same instant.
-        let ts = timestamp(OffsetDateTime::now_utc());
-        let mut buf = std::mem::take(&mut self.buf);
-        buf.clear();
-        let mut seq = self.next_seq;
-        let mut prev = self.prev;
-        if self.active.as_ref().is_some_and(|a| a.need_newline) {
-            buf.push(b'\n');
-        }
-        let mut failure = None;
-        let mut rest = batch.drain(..);
-        for (rec, ack) in rest.by_ref() {
-            let start = buf.len();
-            let hash = match encode_line(&mut buf, seq, &ts, &rec, &prev) {
-                Ok(hash) => hash,
-                Err(e) => {
-                    warn!(request_id = %rec.request_id, cause = %e, "audit record could not be serialised");
-                    self.fail(rec.event, ack, &AuditError::Encode(e.to_string()));
-                    continue;
-                }
-            };
-            if self.must_rotate(buf.len() as u64) {
-                // The records before this one close the current file; this one
-                // opens the next.
-                if let Err(e) = self.commit(&buf[..start]) {
-                    failure = Some((e, "write", Some((rec.event, ack))));
-                    break;
-                }
-                self.complete_inflight(seq, prev);
-                if let Err(e) = self.rotate() {
-                    failure = Some((e, "rotate", Some((rec.event, ack))));
-                    break;
-                }
-                buf.drain(..start);
-            }
-            self.inflight.push((seq, rec.event, ack));
-            prev = hash;
-            seq += 1;
-        }
-        if failure.is_none() {
-            match self.commit(&buf) {
-                Ok(()) => self.complete_inflight(seq, prev),
-                Err(e) => failure = Some((e, "write", None)),
-            }
-        }
-        if let Some((e, op, current)) = failure {
-            // Unwritable first, so a caller that sees the error also sees
-            // `is_writable() == false`.
-            self.set_unwritable(&e, op);
-            let err = write_error(&e);
-            if let Some((event, ack)) = current {
-                self.fail(event, ack, &err);
-            }
-            for (_, event, ack) in std::mem::take(&mut self.inflight) {
-                self.fail(event, ack, &err);
-            }
-            for (rec, ack) in rest {
-                self.fail(rec.event, ack, &err);
-            }
-        }
-        if buf.capacity() > KEEP_BUF {
-            buf = Vec::with_capacity(64 * 1024);
-        }
-        self.buf = buf;
-    }
-
-    /// Whether a file holding records would grow past `max_bytes` with `pending`
-    /// more bytes (a record larger than `max_bytes` still gets a file of its own).
-    fn must_rotate(&self, pending: u64) -> bool {
-        match &self.active {
-            Some(a) => {
-                self.max_bytes > 0
-                    && !self.rotation_blocked
-                    && (a.has_records || !self.inflight.is_empty())
-                    && a.len + pending > self.max_bytes
-            }
-            None => false,
-        }
-    }
-
-    /// Writes `bytes` (the lines of `self.inflight`) and, for `always`, syncs.
-    /// On failure the file is truncated back so no partial record stays behind.
-    fn commit(&mut self, bytes: &[u8]) -> io::Result<()> {
-        if bytes.is_empty() {
-            return Ok(());
-        }
-        let Some(active) = self.active.as_mut() else {
-            return Err(io::Error::other("the audit log is not open"));
-        };
-        let before = active.len;
-        let mut result = active.file.write_all(bytes);
-        // `always` syncs batches that someone waits on (attempts). Outcome and
-        // rejected records alone are synced a second later at most, so an
-        // outcome's fsync never queues in front of the next attempt's.
-        let waited_on = self.inflight.iter().any(|(_, _, ack)| ack.is_some());
-        let sync_now = self.policy == FsyncPolicy::Always && waited_on;
-        if result.is_ok() && sync_now {
-            let started = Instant::now();
-            result = if self.faults.take_sync_failure() {
-                Err(io::Error::other("injected fsync failure"))
-            } else {
-                active.file.sync_data()
-            };
-            if result.is_ok() {
-                self.shared.observer.fsync_done(started.elapsed());
-            }
-        }
-        match result {
-            Ok(()) => {
-                active.len += bytes.len() as u64;
-                active.need_newline = false;
-                active.has_records |= !self.inflight.is_empty();
-                // A sync of this batch covers everything written before it.
-                self.dirty = !sync_now;
-                if sync_now {
-                    self.last_sync = Instant::now();
-                }
-                Ok(())
-            }
-            Err(e) => {
-                if let Err(te) = active.file.set_len(before) {
-                    warn!(
-                        file = %self.path.display(),
-                        cause = %te,
-                        "could not truncate a failed audit write; the next open skips the partial line"
-                    );
-                }
-                Err(e)
-            }
-        }
-    }
-
-    /// The records in flight are in the file: advance the chain head, answer.
-    fn complete_inflight(&mut self, next_seq: u64, prev: HexHash) {
-        self.next_seq = next_seq;
-        self.prev = prev;
-        for (seq, event, ack) in self.inflight.drain(..) {
-            if let Some(ack) = ack {
-                // The caller may have gone away; the record is written anyway.
-                let _ = ack.send(Ok(seq));
-            }
-            self.shared.observer.record_written(event);
-        }
-    }
-
-    fn fail(&self, event: Event, ack: Option<Ack>, err: &AuditError) {
-        match ack {
-            Some(ack) => {
-                let _ = ack.send(Err(err.clone()));
-            }
-            None => self.shared.observer.record_dropped(event),
-        }
-    }
-
-    /// Renames the active file to its rotated name and opens a fresh one.
+    /// Renames the active file to its rotated name and opens a fresh one. The
+    /// old file is synced first, which answers every attempt waiting in it.
     fn rotate(&mut self) -> io::Result<()> {
         let last_seq = self.next_seq.saturating_sub(1);
         let target = rotated_path(&self.path, last_seq);
@@ -597,63 +654,140 @@ impl Writer {
         {
             let started = Instant::now();
             active.file.sync_data()?;
-            self.shared.observer.fsync_done(started.elapsed());
+            self.observer.fsync_done(started.elapsed());
+            if let Some(end) = self.mark() {
+                self.synced_to(end);
+            }
         }
         self.dirty = false;
         fs::rename(&self.path, &target)?;
         self.active = None;
+        self.epoch += 1;
         let (file, _) = open_active(&self.path)?;
         if self.policy != FsyncPolicy::Never {
             // Makes the rename and the new file's entry durable.
             sync_dir(&self.path)?;
         }
         self.active = Some(Active {
-            file,
+            file: Arc::new(file),
             len: 0,
             need_newline: false,
             has_records: false,
         });
+        self.synced = Mark {
+            len: 0,
+            next_seq: self.next_seq,
+            prev: self.prev,
+        };
         self.reported_torn.clear();
         self.last_sync = Instant::now();
         info!(rotated = %target.display(), last_seq, "audit log rotated");
         Ok(())
     }
+}
 
-    /// The once-a-second sync of `fsync = "interval"`.
-    fn sync(&mut self) {
-        let Some(active) = &self.active else { return };
+/// The sync thread: runs each due sync without holding the lock (records keep
+/// being written meanwhile, and share the next sync), re-opens an unwritable
+/// log, and syncs once more at shutdown.
+fn sync_thread(shared: &Arc<Shared>) -> Result<(), AuditError> {
+    // However the thread ends (even by a panic), handles must stop reporting
+    // the log writable.
+    let writable = &shared.writable;
+    let _not_writable_on_exit = NotWritableOnExit(writable);
+    let mut w = shared.lock();
+    loop {
+        if w.closed || Arc::strong_count(shared) == 1 {
+            break;
+        }
+        if w.active.is_none() && Instant::now() >= w.retry_at {
+            w.try_open(writable);
+        }
+        if !w.sync_due() {
+            let wait = w
+                .deadline()
+                .map_or(IDLE_CHECK, |d| d.saturating_duration_since(Instant::now()))
+                .min(IDLE_CHECK);
+            w.thread_idle = true;
+            w = shared
+                .wake
+                .wait_timeout(w, wait)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+            w.thread_idle = false;
+            continue;
+        }
+        // One sync covers everything written so far.
+        let (Some(end), Some(file)) = (w.mark(), w.active.as_ref().map(|a| Arc::clone(&a.file)))
+        else {
+            continue;
+        };
+        let epoch = w.epoch;
+        let waiting = std::mem::take(&mut w.waiting);
+        w.syncing.extend(waiting);
+        w.dirty = false;
+        let inject_failure = w.faults.take_sync_failure();
+        drop(w);
         let started = Instant::now();
-        match active.file.sync_data() {
-            Ok(()) => {
-                self.shared.observer.fsync_done(started.elapsed());
-                self.dirty = false;
-                self.last_sync = Instant::now();
+        let result = if inject_failure {
+            Err(io::Error::other("injected fsync failure"))
+        } else {
+            file.sync_data()
+        };
+        if result.is_ok() {
+            // Before re-taking the lock: an observer that blocks (a test) must
+            // not stop the writers.
+            shared.observer.fsync_done(started.elapsed());
+        }
+        w = shared.lock();
+        match result {
+            Ok(()) if w.epoch == epoch => {
+                w.last_sync = Instant::now();
+                w.synced_to(end);
             }
-            // Written records stay (they were acknowledged); the re-open resumes
-            // from whatever the file holds.
-            Err(e) => self.set_unwritable(&e, "fsync"),
+            // The file was rotated meanwhile (a failure would have refused
+            // the attempts already): what this sync covered is durable.
+            Ok(()) => w.covered(end.next_seq),
+            Err(e) if w.epoch == epoch => w.fail(&e, "fsync", writable),
+            Err(e) => {
+                let err = write_error(&e);
+                for (_, ack) in w.syncing.drain(..) {
+                    let _ = ack.send(Err(err.clone()));
+                }
+            }
         }
     }
+    w.closed = true;
+    let result = finish(&mut w, shared);
+    // Closes the file and releases its lock, even while handles remain.
+    w.active = None;
+    result
+}
 
-    /// Graceful stop: what was written is synced, whatever the policy.
-    fn finish(&mut self) -> Result<(), AuditError> {
-        if !self.dirty {
-            return Ok(());
+/// Graceful stop: what was written is synced, whatever the policy, and every
+/// waiting attempt is answered.
+fn finish(w: &mut Writer, shared: &Shared) -> Result<(), AuditError> {
+    let Some(end) = w.mark() else {
+        w.fail_pending(&AuditError::Closed);
+        return Ok(());
+    };
+    if !w.dirty {
+        w.synced_to(end);
+        return Ok(());
+    }
+    let started = Instant::now();
+    let result = w.active.as_ref().map_or(Ok(()), |a| a.file.sync_data());
+    match result {
+        Ok(()) => {
+            shared.observer.fsync_done(started.elapsed());
+            w.dirty = false;
+            w.synced_to(end);
+            Ok(())
         }
-        let Some(active) = &self.active else {
-            return Ok(());
-        };
-        let started = Instant::now();
-        match active.file.sync_data() {
-            Ok(()) => {
-                self.shared.observer.fsync_done(started.elapsed());
-                self.dirty = false;
-                Ok(())
-            }
-            Err(e) => {
-                error!(file = %self.path.display(), cause = %e, "final audit fsync failed");
-                Err(write_error(&e))
-            }
+        Err(e) => {
+            error!(file = %w.path.display(), cause = %e, "final audit fsync failed");
+            let err = write_error(&e);
+            w.fail_pending(&err);
+            Err(err)
         }
     }
 }
@@ -662,65 +796,11 @@ fn write_error(e: &io::Error) -> AuditError {
     AuditError::Write(Arc::new(io::Error::new(e.kind(), e.to_string())))
 }
 
-fn push(msg: Msg, batch: &mut Vec<(Record, Option<Ack>)>, rx: &mut mpsc::Receiver<Msg>) {
-    match msg {
-        Msg::Append(rec, ack) => batch.push((rec, ack)),
-        // Refuse new records; those already queued are still received and written.
-        Msg::Shutdown => rx.close(),
-    }
-}
+struct NotWritableOnExit<'a>(&'a AtomicBool);
 
-struct NotWritableOnExit(Arc<Shared>);
-
-impl Drop for NotWritableOnExit {
+impl Drop for NotWritableOnExit<'_> {
     fn drop(&mut self) {
-        self.0.writable.store(false, Ordering::Release);
-    }
-}
-
-#[allow(clippy::large_enum_variant)] // a stack value, see `Msg`
-enum Recv {
-    Msg(Msg),
-    Timeout,
-    Closed,
-}
-
-/// Wakes the writer thread parked in `recv_until`.
-struct ThreadWaker(thread::Thread);
-
-impl Wake for ThreadWaker {
-    fn wake(self: Arc<Self>) {
-        self.0.unpark();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.0.unpark();
-    }
-}
-
-/// `blocking_recv` with an optional deadline: polls the receiver and parks the
-/// thread until the channel wakes it or the deadline passes.
-fn recv_until(
-    rx: &mut mpsc::Receiver<Msg>,
-    deadline: Option<Instant>,
-    cx: &mut Context<'_>,
-) -> Recv {
-    loop {
-        match rx.poll_recv(cx) {
-            Poll::Ready(Some(msg)) => return Recv::Msg(msg),
-            Poll::Ready(None) => return Recv::Closed,
-            Poll::Pending => {}
-        }
-        match deadline {
-            None => thread::park(),
-            Some(deadline) => {
-                let now = Instant::now();
-                if now >= deadline {
-                    return Recv::Timeout;
-                }
-                thread::park_timeout(deadline - now);
-            }
-        }
+        self.0.store(false, Ordering::Release);
     }
 }
 
@@ -811,7 +891,7 @@ fn resume(path: &Path, policy: FsyncPolicy) -> io::Result<Resumed> {
     }
     Ok(Resumed {
         active: Active {
-            file,
+            file: Arc::new(file),
             len,
             need_newline,
             has_records,
