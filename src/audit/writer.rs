@@ -153,7 +153,13 @@ impl AuditLog {
             if w.policy != FsyncPolicy::Always {
                 return Ok(seq);
             }
+            if w.lone() {
+                return self.sync_here(w, seq);
+            }
             let (ack, done) = oneshot::channel();
+            if w.waiting.is_empty() {
+                w.first_waiting_at = Instant::now();
+            }
             w.waiting.push((seq, ack));
             if w.thread_idle {
                 w.thread_idle = false;
@@ -185,6 +191,54 @@ impl AuditLog {
     /// Attempts written and waiting for the next fsync to start (`always`).
     pub fn queue_len(&self) -> usize {
         self.shared.lock().waiting.len()
+    }
+
+    /// Syncs a lone attempt on the caller's thread: handing it to the sync
+    /// thread and back costs two thread wake-ups, a good part of an fsync on a
+    /// small VM. Blocks this thread for one fsync, taken only when nothing else
+    /// waits for one.
+    fn sync_here(&self, mut w: MutexGuard<'_, Writer>, seq: u64) -> Result<u64, AuditError> {
+        let (Some(end), Some(file)) = (w.mark(), w.active.as_ref().map(|a| Arc::clone(&a.file)))
+        else {
+            return Err(AuditError::NotWritable);
+        };
+        let (epoch, failures) = (w.epoch, w.failures);
+        w.syncing_here = true;
+        w.dirty = false;
+        let inject_failure = w.faults.take_sync_failure();
+        drop(w);
+        let started = Instant::now();
+        let result = if inject_failure {
+            Err(io::Error::other("injected fsync failure"))
+        } else {
+            file.sync_data()
+        };
+        if result.is_ok() {
+            self.shared.observer.fsync_done(started.elapsed());
+        }
+        let mut w = self.shared.lock();
+        w.syncing_here = false;
+        w.last_batch = 1;
+        match result {
+            // A failure meanwhile took this record back.
+            _ if w.failures != failures => Err(AuditError::NotWritable),
+            Ok(()) if w.epoch == epoch => {
+                w.last_sync = Instant::now();
+                w.synced_to(end);
+                Ok(seq)
+            }
+            // Rotated meanwhile: the record is in the synced, rotated file.
+            Ok(()) => {
+                w.covered(end.next_seq);
+                Ok(seq)
+            }
+            Err(e) => {
+                if w.epoch == epoch {
+                    w.fail(&e, "fsync", &self.shared.writable);
+                }
+                Err(write_error(&e))
+            }
+        }
     }
 
     fn unavailable(&self) -> AuditError {
@@ -280,6 +334,15 @@ struct Writer {
     waiting: Vec<(u64, Ack)>,
     /// `always`: attempts covered by the fsync running now.
     syncing: Vec<(u64, Ack)>,
+    /// `always`: when the first of `waiting` was written.
+    first_waiting_at: Instant,
+    /// `always`: attempts covered by the last fsync.
+    last_batch: usize,
+    /// `always`: a caller is syncing its lone attempt itself.
+    syncing_here: bool,
+    /// Failures so far: a sync that started before one no longer vouches for
+    /// its records (they were taken back).
+    failures: u64,
     /// `always`: records written since `synced` — (seq, event, someone waits).
     /// Counted as written once synced; dropped if a failure takes them back.
     unsynced: Vec<(u64, Event, bool)>,
@@ -322,6 +385,10 @@ impl Writer {
             ts: (i128::MIN, String::new()),
             waiting: Vec::new(),
             syncing: Vec::new(),
+            first_waiting_at: now,
+            last_batch: 0,
+            syncing_here: false,
+            failures: 0,
             unsynced: Vec::new(),
             synced: Mark {
                 len: 0,
@@ -449,6 +516,7 @@ impl Writer {
     /// (nobody was told those records were kept); otherwise written records
     /// stay. Then the log is unwritable until re-opened.
     fn fail(&mut self, err: &io::Error, op: &'static str, writable: &AtomicBool) {
+        self.failures += 1;
         if self.policy == FsyncPolicy::Always {
             if let Some(active) = &self.active
                 && let Err(te) = active.file.set_len(self.synced.len)
@@ -483,7 +551,10 @@ impl Writer {
 
     /// Everything up to `upto` (a [`Mark`] of the current file) is durable.
     fn synced_to(&mut self, upto: Mark) {
-        self.synced = upto;
+        // Two syncs may finish out of order (a caller's own and the thread's).
+        if upto.next_seq >= self.synced.next_seq {
+            self.synced = upto;
+        }
         self.covered(upto.next_seq);
     }
 
@@ -531,6 +602,15 @@ impl Writer {
         } else {
             None
         }
+    }
+
+    /// `always`: whether an attempt just written is alone — no other attempt
+    /// waits for a sync or is being synced, and the last sync covered one.
+    fn lone(&self) -> bool {
+        self.waiting.is_empty()
+            && self.syncing.is_empty()
+            && !self.syncing_here
+            && self.last_batch <= 1
     }
 
     /// Whether the sync thread has a sync to run now.
@@ -716,6 +796,24 @@ fn sync_thread(shared: &Arc<Shared>) -> Result<(), AuditError> {
             w.thread_idle = false;
             continue;
         }
+        // Group commit window: when attempts arrive concurrently (the last
+        // sync covered several), let more join before syncing. An fsync costs
+        // tens of µs of CPU here whatever it covers; a lone caller never waits.
+        let window = commit_window();
+        if w.last_batch > 1 && !window.is_zero() {
+            let until = w.first_waiting_at + window;
+            while !w.closed && w.active.is_some() {
+                let now = Instant::now();
+                if now >= until {
+                    break;
+                }
+                w = shared
+                    .wake
+                    .wait_timeout(w, until - now)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
+            }
+        }
         // One sync covers everything written so far.
         let (Some(end), Some(file)) = (w.mark(), w.active.as_ref().map(|a| Arc::clone(&a.file)))
         else {
@@ -723,6 +821,7 @@ fn sync_thread(shared: &Arc<Shared>) -> Result<(), AuditError> {
         };
         let epoch = w.epoch;
         let waiting = std::mem::take(&mut w.waiting);
+        w.last_batch = waiting.len();
         w.syncing.extend(waiting);
         w.dirty = false;
         let inject_failure = w.faults.take_sync_failure();
@@ -790,6 +889,18 @@ fn finish(w: &mut Writer, shared: &Shared) -> Result<(), AuditError> {
             Err(err)
         }
     }
+}
+
+fn commit_window() -> Duration {
+    static W: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *W.get_or_init(|| {
+        Duration::from_micros(
+            std::env::var("TASKGATE_COMMIT_WINDOW_US")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+        )
+    })
 }
 
 fn write_error(e: &io::Error) -> AuditError {
