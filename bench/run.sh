@@ -12,8 +12,7 @@
 # Environment (defaults in brackets):
 #   ROUNDS [3]  DURATION [10s]  WARMUP [1s]  CONNS ["32 1"]  WRK_THREADS [1]
 #   TARGETS     ["direct nginx taskgate taskgate-never taskgate-w1 taskgate-w2"];
-#               taskgate-wN is skipped when N equals the core count (it is then
-#               the same as `taskgate`, whose worker count is one per core)
+#               taskgate-w1 is skipped (it is `taskgate`: one worker is the default)
 #   PORT_BASE [18480]: upstream +0, nginx +1, taskgate variants +10.., admin +20..
 #   UPSTREAM_PORT, NGINX_PORT   override single ports
 #   BENCH_TMPDIR [$TMPDIR or /tmp]: where the work dir (and the audit log) goes;
@@ -34,6 +33,7 @@ WARMUP=${WARMUP:-1s}
 CONNS=${CONNS:-"32 1"}
 WRK_THREADS=${WRK_THREADS:-1}
 TARGETS=${TARGETS:-"direct nginx taskgate taskgate-never taskgate-w1 taskgate-w2"}
+DEFAULT_WORKERS=1   # taskgate's default runtime.worker_threads
 PORT_BASE=${PORT_BASE:-18480}
 UPSTREAM_PORT=${UPSTREAM_PORT:-$PORT_BASE}
 NGINX_PORT=${NGINX_PORT:-$((PORT_BASE + 1))}
@@ -402,8 +402,8 @@ main() {
         case $t in
             direct | nginx | taskgate | taskgate-never) targets+=("$t") ;;
             taskgate-w[0-9]*)
-                if [[ ${t#taskgate-w} == "$nproc" ]]; then
-                    echo "$t not run: with $nproc cores it is the same as 'taskgate' (one worker per core)" >>"$workdir/notes"
+                if [[ ${t#taskgate-w} == "$DEFAULT_WORKERS" ]]; then
+                    echo "$t not run: it is the same as 'taskgate' ($DEFAULT_WORKERS worker, the default)" >>"$workdir/notes"
                 else
                     targets+=("$t")
                 fi
@@ -426,8 +426,8 @@ main() {
                 log "starting nginx on 127.0.0.1:$NGINX_PORT"
                 start_nginx nginx anchor.nginx.conf "$NGINX_PORT"
                 ;;
-            taskgate) start_taskgate "$t" always 0 "$i" ;;
-            taskgate-never) start_taskgate "$t" never 0 "$i" ;;
+            taskgate) start_taskgate "$t" always "$DEFAULT_WORKERS" "$i" ;;
+            taskgate-never) start_taskgate "$t" never "$DEFAULT_WORKERS" "$i" ;;
             taskgate-w*) start_taskgate "$t" always "${t#taskgate-w}" "$i" ;;
         esac
         [[ $t == taskgate* ]] && log "started $t on 127.0.0.1:${PORT[$t]}"

@@ -4,7 +4,7 @@
 //!
 //! - [`cli`]: the subcommands (`serve`, `check`, `audit verify`, `mock-upstream`, `demo`).
 //! - [`config`]: the TOML file and `TASKGATE_*` overrides, validated into typed fields.
-//! - [`audit`]: the durable, hash-chained audit log, its writer thread and `verify`.
+//! - [`audit`]: the durable, hash-chained audit log, its sync thread and `verify`.
 //! - [`app`]: builds the shared [`app::State`], starts listeners and background tasks, shuts down in order.
 //! - [`server`]: accept loop, connection limits, header timeout, graceful drain.
 //! - [`router`]: the route table; the only place that knows which paths exist.

@@ -1,13 +1,13 @@
 //! The audit log: a durable, tamper-evident JSON Lines record of every mutation
-//! (DESIGN.md "Audit log"), written by one group-committing writer thread and
-//! checked by [`verify`].
+//! (DESIGN.md "Audit log"), written by the request path with a group-committing
+//! sync thread, and checked by [`verify`].
 //!
 //! # Layout
 //!
 //! - `record.rs` — [`Record`] (what the pipeline knows), the line format and the
 //!   hash chain's canonical bytes, shared by the writer and `verify`.
-//! - `writer.rs` — [`AuditLog`] (the cheap handle), [`AuditWriterTask`] (the
-//!   thread, owned by the app), resume at start-up, rotation, recovery.
+//! - `writer.rs` — [`AuditLog`] (the cheap handle, which writes), [`AuditWriterTask`]
+//!   (the sync thread, owned by the app), resume at start-up, rotation, recovery.
 //! - `verify.rs` — [`verify`] for `taskgate audit verify FILE...`.
 //!
 //! # Using it
@@ -61,17 +61,22 @@
 //!
 //! # Durability and failures
 //!
+//! Every record is written by its caller, under one lock, with one `write`.
 //! `fsync = "always"` (default): an `attempt` is acknowledged only after its
-//! line is written and `fdatasync`ed; all records queued meanwhile share one
-//! write and one sync (group commit). `"interval"`: attempts are acknowledged
-//! once written to the OS and the file is synced at most a second later;
-//! `"never"`: written to the OS only, synced at shutdown. `outcome` and `rejected` records never wait for the disk.
+//! line is `fdatasync`ed; the sync thread runs one sync for all the attempts
+//! written meanwhile (group commit), and when they arrive concurrently it
+//! waits a short window for more to join. A caller alone in the gateway syncs
+//! its own attempt ([`AuditLog::append_durable_alone`]). `"interval"`:
+//! attempts are acknowledged once written to the OS and the file is synced
+//! about a second later; `"never"`: written to the OS only, synced at
+//! shutdown. `outcome` and `rejected` records never wait for the disk.
 //!
-//! If a write or sync fails, the file is truncated back to its last good
-//! length, `seq` and `prev` do not advance, waiting attempts get an error (the
-//! gateway answers 503 and forwards nothing), unacknowledged records are
-//! dropped and counted, and the log is "not writable" (readyz fails) until the
-//! writer re-opens it, which it tries every second. A log that cannot be opened
+//! If a write fails, the record is truncated away; with `always`, a failed
+//! write or sync takes the file back to the last synced record (unsynced
+//! outcomes go too). `seq` and `prev` go back with it, waiting attempts get
+//! an error (the gateway answers 503 and forwards nothing), unacknowledged
+//! records are dropped and counted, and the log is "not writable" (readyz
+//! fails) until the sync thread re-opens it, which it tries every second. A log that cannot be opened
 //! at start-up does not stop start-up; it is treated the same way. (Should the
 //! truncation fail too, the re-open resumes after whatever complete records the
 //! file holds, so an `attempt` whose caller got an error may remain: an
@@ -116,8 +121,7 @@ use serde::{Deserialize, Serialize};
 pub use record::{Event, GENESIS_PREV, Record};
 pub use verify::{Location, Problem, VerifyError, VerifyReport, verify};
 pub use writer::{
-    AuditLog, AuditWriterTask, RETRY_INTERVAL, SYNC_INTERVAL, audit_files,
-    rotated_path,
+    AuditLog, AuditWriterTask, RETRY_INTERVAL, SYNC_INTERVAL, audit_files, rotated_path,
 };
 
 /// `audit.max_bytes` default: 100 MiB.
@@ -171,12 +175,12 @@ pub enum AuditError {
     /// The writer has shut down.
     #[error("audit writer has stopped")]
     Closed,
-    #[error("audit writer thread panicked")]
+    #[error("audit sync thread panicked")]
     WriterPanicked,
 }
 
-/// Metrics hooks, called from the writer thread (and `record_dropped` also from
-/// `append`): keep them cheap and non-blocking.
+/// Metrics hooks, called from the request path (some under the log's lock) and
+/// the sync thread: keep them cheap and non-blocking.
 pub trait AuditObserver: Send + Sync + 'static {
     /// A record reached the file (synced, with `fsync = "always"`).
     fn record_written(&self, _event: Event) {}

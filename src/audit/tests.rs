@@ -1,5 +1,5 @@
-//! Tests of the module as the gateway uses it: the writer thread on real files
-//! in temporary directories, the result read back and checked with `verify`.
+//! Tests of the module as the gateway uses it: the writer and its sync thread
+//! on real files in temporary directories, the result read back and checked with `verify`.
 
 use super::*;
 use serde_json::{Value, json};
@@ -193,7 +193,7 @@ async fn group_commit_syncs_concurrent_attempts_together() {
     // A lone attempt: its caller syncs it (and is held in the gate).
     let first = tokio::spawn({
         let log = log.clone();
-        async move { log.append_durable(Record::attempt("first")).await }
+        async move { log.append_durable_alone(Record::attempt("first")).await }
     });
     wait_until("the first fsync", || gate.entered.load(SeqCst) == 1).await;
     let callers: Vec<_> = (0..200)
@@ -360,15 +360,27 @@ async fn failed_fsync_takes_back_unsynced_outcomes_too() {
     assert_eq!(attempts(&log, 2).await, [1, 2]);
     let good = fs::read(&path).unwrap();
     log.append(Record::outcome("req-0"));
-    assert_ne!(fs::read(&path).unwrap(), good, "the outcome is written at once");
+    assert_ne!(
+        fs::read(&path).unwrap(),
+        good,
+        "the outcome is written at once"
+    );
 
     fail_syncs.store(1, SeqCst);
-    assert!(log.append_durable(Record::attempt("lost")).await.is_err());
+    // The caller syncs this one itself: that path takes records back too.
+    assert!(
+        log.append_durable_alone(Record::attempt("lost"))
+            .await
+            .is_err()
+    );
     assert_eq!(fs::read(&path).unwrap(), good);
     assert_eq!(counts.dropped.load(SeqCst), 1);
 
     wait_until("the log to become writable", || log.is_writable()).await;
-    assert_eq!(log.append_durable(Record::attempt("next")).await.unwrap(), 3);
+    assert_eq!(
+        log.append_durable(Record::attempt("next")).await.unwrap(),
+        3
+    );
     task.shutdown().await.unwrap();
     assert_eq!(verify(&[path]).unwrap().records, 3);
 }
