@@ -65,8 +65,7 @@
 //! `fsync = "always"` (default): an `attempt` is acknowledged only after its
 //! line is `fdatasync`ed; the sync thread runs one sync for all the attempts
 //! written meanwhile (group commit), and when they arrive concurrently it
-//! waits a short window for more to join. A caller alone in the gateway syncs
-//! its own attempt ([`AuditLog::append_durable_alone`]). `"interval"`:
+//! waits a short window for more to join. `"interval"`:
 //! attempts are acknowledged once written to the OS and the file is synced
 //! about a second later; `"never"`: written to the OS only, synced at
 //! shutdown. `outcome` and `rejected` records never wait for the disk.

@@ -150,20 +150,6 @@ impl AuditLog {
     /// the log is not writable. If the caller's future is dropped while it waits
     /// for the sync, the record is still in the log.
     pub async fn append_durable(&self, rec: Record) -> Result<u64, AuditError> {
-        self.append_attempt(rec, false).await
-    }
-
-    /// [`append_durable`](Self::append_durable) for a caller that knows it is
-    /// the only request in flight: with `always`, if no other attempt waits for
-    /// a sync either, it syncs its record on its own thread instead of handing
-    /// it to the sync thread and back (two thread wake-ups, a good part of an
-    /// fsync on a small VM). That blocks this thread for one fsync, which is
-    /// why the caller must know nothing else is waiting to run.
-    pub async fn append_durable_alone(&self, rec: Record) -> Result<u64, AuditError> {
-        self.append_attempt(rec, true).await
-    }
-
-    async fn append_attempt(&self, rec: Record, alone: bool) -> Result<u64, AuditError> {
         if !self.is_writable() {
             return Err(self.unavailable());
         }
@@ -172,9 +158,6 @@ impl AuditLog {
             let seq = w.write(&rec, true, &self.shared.writable)?;
             if w.policy != FsyncPolicy::Always {
                 return Ok(seq);
-            }
-            if alone && w.lone() {
-                return self.sync_here(w, seq);
             }
             let (ack, done) = oneshot::channel();
             if w.waiting.is_empty() {
@@ -211,51 +194,6 @@ impl AuditLog {
     /// Attempts written and waiting for the next fsync to start (`always`).
     pub fn queue_len(&self) -> usize {
         self.shared.lock().waiting.len()
-    }
-
-    /// Syncs a lone attempt on the caller's thread (see `append_durable_alone`).
-    fn sync_here(&self, mut w: MutexGuard<'_, Writer>, seq: u64) -> Result<u64, AuditError> {
-        let (Some(end), Some(file)) = (w.mark(), w.active.as_ref().map(|a| Arc::clone(&a.file)))
-        else {
-            return Err(AuditError::NotWritable);
-        };
-        let (epoch, failures) = (w.epoch, w.failures);
-        w.syncing_here = true;
-        w.dirty = false;
-        let inject_failure = w.faults.take_sync_failure();
-        drop(w);
-        let started = Instant::now();
-        let result = if inject_failure {
-            Err(io::Error::other("injected fsync failure"))
-        } else {
-            file.sync_data()
-        };
-        if result.is_ok() {
-            self.shared.observer.fsync_done(started.elapsed());
-        }
-        let mut w = self.shared.lock();
-        w.syncing_here = false;
-        w.last_batch = 1;
-        match result {
-            // A failure meanwhile took this record back.
-            _ if w.failures != failures => Err(AuditError::NotWritable),
-            Ok(()) if w.epoch == epoch => {
-                w.last_sync = Instant::now();
-                w.synced_to(end);
-                Ok(seq)
-            }
-            // Rotated meanwhile: the record is in the synced, rotated file.
-            Ok(()) => {
-                w.covered(end.next_seq);
-                Ok(seq)
-            }
-            Err(e) => {
-                if w.epoch == epoch {
-                    w.fail(&e, "fsync", &self.shared.writable);
-                }
-                Err(write_error(&e))
-            }
-        }
     }
 
     fn unavailable(&self) -> AuditError {
@@ -355,11 +293,6 @@ struct Writer {
     first_waiting_at: Instant,
     /// `always`: attempts covered by the last fsync.
     last_batch: usize,
-    /// `always`: a caller is syncing its lone attempt itself.
-    syncing_here: bool,
-    /// Failures so far: a sync that started before one no longer vouches for
-    /// its records (they were taken back).
-    failures: u64,
     /// `always`: records written since `synced` — (seq, event, someone waits).
     /// Counted as written once synced; dropped if a failure takes them back.
     unsynced: Vec<(u64, Event, bool)>,
@@ -404,8 +337,6 @@ impl Writer {
             syncing: Vec::new(),
             first_waiting_at: now,
             last_batch: 0,
-            syncing_here: false,
-            failures: 0,
             unsynced: Vec::new(),
             synced: Mark {
                 len: 0,
@@ -533,7 +464,6 @@ impl Writer {
     /// (nobody was told those records were kept); otherwise written records
     /// stay. Then the log is unwritable until re-opened.
     fn fail(&mut self, err: &io::Error, op: &'static str, writable: &AtomicBool) {
-        self.failures += 1;
         if self.policy == FsyncPolicy::Always {
             if let Some(active) = &self.active
                 && let Err(te) = active.file.set_len(self.synced.len)
@@ -568,10 +498,7 @@ impl Writer {
 
     /// Everything up to `upto` (a [`Mark`] of the current file) is durable.
     fn synced_to(&mut self, upto: Mark) {
-        // Two syncs may finish out of order (a caller's own and the thread's).
-        if upto.next_seq >= self.synced.next_seq {
-            self.synced = upto;
-        }
+        self.synced = upto;
         self.covered(upto.next_seq);
     }
 
@@ -619,15 +546,6 @@ impl Writer {
         } else {
             None
         }
-    }
-
-    /// `always`: whether an attempt just written is alone — no other attempt
-    /// waits for a sync or is being synced, and the last sync covered one.
-    fn lone(&self) -> bool {
-        self.waiting.is_empty()
-            && self.syncing.is_empty()
-            && !self.syncing_here
-            && self.last_batch <= 1
     }
 
     /// Whether the sync thread has a sync to run now.

@@ -299,16 +299,7 @@ async fn update(
         request: ex.request.take(),
         ..ex.record(Event::Attempt)
     };
-    // Alone, the attempt is synced on this thread: nothing else waits to run.
-    let alone = state.inflight.load(Ordering::Acquire) <= 1;
-    let durable = async {
-        if alone {
-            state.audit.append_durable_alone(attempt).await
-        } else {
-            state.audit.append_durable(attempt).await
-        }
-    };
-    match tokio::time::timeout(upstream_timeout, durable).await {
+    match tokio::time::timeout(upstream_timeout, state.audit.append_durable(attempt)).await {
         Ok(Ok(_seq)) => {}
         Ok(Err(e)) => {
             tracing::error!(cause = %e, request_id = %ex.request_id, "audit attempt not durable; refusing");
