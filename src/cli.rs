@@ -6,9 +6,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::app;
+use crate::app::{self, Stopped};
 use crate::config::{Config, LogFormat, RawConfig};
 use crate::mock_vendor::{self, MockOptions, MockVendor};
+use crate::signals::Signals;
 use crate::telemetry;
 
 #[derive(Debug, Parser)]
@@ -110,7 +111,27 @@ fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
     b.enable_all().build()
 }
 
+/// Exit code after a second stop signal cut the drain short (128 + SIGINT).
+const EXIT_HURRIED: u8 = 130;
+
+/// Catches SIGTERM/SIGINT/SIGHUP before anything else happens, so no signal
+/// during start-up takes its default action.
+fn install_signals() -> Result<Signals, ExitCode> {
+    Signals::install().map_err(|e| fail(1, format!("cannot install signal handlers: {e}")))
+}
+
+fn exit_code(stopped: Stopped) -> ExitCode {
+    match stopped {
+        Stopped::Clean => ExitCode::SUCCESS,
+        Stopped::Hurried => ExitCode::from(EXIT_HURRIED),
+    }
+}
+
 fn serve(path: Option<PathBuf>) -> ExitCode {
+    let mut signals = match install_signals() {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
     let config = match Config::load(path.as_deref()) {
         Ok(c) => c,
         Err(e) => return fail(EXIT_CONFIG, e),
@@ -120,8 +141,10 @@ fn serve(path: Option<PathBuf>) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(1, format!("cannot start the runtime: {e}")),
     };
-    match rt.block_on(app::run(config, path, shutdown_signal)) {
-        Ok(()) => ExitCode::SUCCESS,
+    let result = rt.block_on(app::run(config, path, &mut signals));
+    signals.close();
+    match result {
+        Ok(stopped) => exit_code(stopped),
         Err(e) => fail(1, e),
     }
 }
@@ -183,6 +206,10 @@ fn mock_upstream(
     token: Option<String>,
     consume: bool,
 ) -> ExitCode {
+    let mut signals = match install_signals() {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
     telemetry::init(LogFormat::Text);
     let lines = match lines.map(|p| mock_vendor::read_lines(&p)).transpose() {
         Ok(l) => l.unwrap_or_else(mock_vendor::sample_lines),
@@ -204,7 +231,7 @@ fn mock_upstream(
         };
         vendor.set_recording(false);
         tracing::info!(listen = %vendor.addr, "vendor emulator ready");
-        shutdown_signal().await;
+        signals.stop().await;
         vendor.stop().await;
         ExitCode::SUCCESS
     })
@@ -212,6 +239,10 @@ fn mock_upstream(
 
 fn demo(path: Option<PathBuf>, upstream_listen: String) -> ExitCode {
     const DEMO_TOKEN: &str = "demo-token-not-secret";
+    let mut signals = match install_signals() {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
     let raw = match RawConfig::read(path.as_deref()) {
         Ok(r) => r,
         Err(e) => return fail(EXIT_CONFIG, e),
@@ -246,37 +277,26 @@ fn demo(path: Option<PathBuf>, upstream_listen: String) -> ExitCode {
         };
         vendor.set_recording(false);
         let listen = config.listen;
+        let quota = config.rate_limit.quota_for(mock_vendor::EXAMPLE_USER);
         eprintln!(
             "\ntaskgate demo: vendor emulator on {}, gateway on {listen}. Try:\n\n\
              curl -X PUT \"http://{listen}/agent-api/user/{}/task/{}\" \\\n  \
              -H \"Content-Type: application/json\" \\\n  \
-             -d '{}'\n",
+             -d '{}'\n\n\
+             The example user may send a burst of {} updates, then {} per second \
+             (rate_limit.burst / per_second): past that the answer is 429 with Retry-After.\n",
             vendor.addr,
             mock_vendor::EXAMPLE_USER,
             mock_vendor::EXAMPLE_TASK,
             mock_vendor::EXAMPLE_BODY,
+            quota.burst,
+            quota.per_second,
         );
-        let result = app::run(config, path, shutdown_signal).await;
+        let result = app::run(config, path, &mut signals).await;
         vendor.stop().await;
         match result {
-            Ok(()) => ExitCode::SUCCESS,
+            Ok(stopped) => exit_code(stopped),
             Err(e) => fail(1, e),
         }
     })
-}
-
-/// SIGTERM or SIGINT (Ctrl-C).
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = ctrl_c => {},
-                _ = term.recv() => {},
-            }
-        }
-        Err(_) => ctrl_c.await,
-    }
 }

@@ -1,5 +1,7 @@
 //! Configuration: the TOML file and `TASKGATE_*` overrides, checked once at
-//! start-up into typed fields. Every error names the key it is about.
+//! start-up into typed fields. Every error names the key it is about, and
+//! every problem `serve` would refuse to start with is found here, so `check`
+//! finds it too (a leaf: nothing above it is imported).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -12,9 +14,11 @@ use http::uri::{Authority, Scheme};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::audit::{AuditConfig, FsyncPolicy};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+
 use crate::ids::parse_canonical_uuid;
-use crate::upstream::Token;
+use crate::secret::Token;
 
 /// Start-up errors: a bad config never gets as far as serving.
 #[derive(Debug, thiserror::Error)]
@@ -255,10 +259,44 @@ pub struct UpstreamConfig {
     /// Path prefix of the base URL without a trailing slash ("" for none).
     pub base_path: String,
     pub token: TokenSetting,
-    pub extra_ca_file: Option<PathBuf>,
+    pub extra_ca: Option<ExtraCa>,
     pub connect_timeout: Duration,
     pub timeout: Duration,
     pub retries: u32,
+}
+
+/// `upstream.extra_ca_file`, read and parsed at start-up (and on reload): a
+/// file that does not hold certificates rustls accepts is a config error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExtraCa {
+    pub path: PathBuf,
+    pub certs: Vec<CertificateDer<'static>>,
+}
+
+fn read_extra_ca(path: &Path) -> Result<ExtraCa, ConfigError> {
+    let err = |reason: String| {
+        invalid(
+            "upstream.extra_ca_file",
+            format!("{}: {reason}", path.display()),
+        )
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| err(e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| err(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(err("holds no PEM certificate".into()));
+    }
+    // The same check the client's root store makes: a PEM block whose DER
+    // is not a certificate fails here, not when `serve` builds the client.
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in &certs {
+        roots.add(cert.clone()).map_err(|e| err(e.to_string()))?;
+    }
+    Ok(ExtraCa {
+        path: path.to_owned(),
+        certs,
+    })
 }
 
 /// Where the bearer token comes from. The environment wins over the file.
@@ -274,12 +312,31 @@ impl UpstreamConfig {
     pub fn same_connection_settings(&self, other: &UpstreamConfig) -> bool {
         self.scheme == other.scheme
             && self.authority == other.authority
-            && self.extra_ca_file == other.extra_ca_file
+            && self.extra_ca == other.extra_ca
             && self.connect_timeout == other.connect_timeout
+    }
+
+    /// Whether nothing of the section changed (for the reload report).
+    pub fn same_settings(&self, other: &UpstreamConfig) -> bool {
+        self.same_connection_settings(other)
+            && self.base_path == other.base_path
+            && self.timeout == other.timeout
+            && self.retries == other.retries
+            && self.token.same(&other.token)
     }
 }
 
 impl TokenSetting {
+    /// Same source and same token.
+    fn same(&self, other: &TokenSetting) -> bool {
+        let same_source = match (self, other) {
+            (TokenSetting::Env(_), TokenSetting::Env(_)) => true,
+            (TokenSetting::File { path: a, .. }, TokenSetting::File { path: b, .. }) => a == b,
+            _ => false,
+        };
+        same_source && self.current().authorization() == other.current().authorization()
+    }
+
     pub fn current(&self) -> &Token {
         match self {
             TokenSetting::Env(t) => t,
@@ -333,6 +390,15 @@ pub struct RateLimitConfig {
     pub overrides: HashMap<Uuid, Quota>,
 }
 
+impl RateLimitConfig {
+    /// The quota of `user_id` (its override, else the default).
+    pub fn quota_for(&self, user_id: &str) -> Quota {
+        parse_canonical_uuid(user_id)
+            .and_then(|id| self.overrides.get(&id).copied())
+            .unwrap_or(self.default)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnUnavailable {
     Reject,
@@ -348,7 +414,7 @@ pub enum AfterUpdate {
     Drop,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResidueConfig {
     pub enabled: bool,
     /// Path template holding `{user_id}`.
@@ -356,6 +422,43 @@ pub struct ResidueConfig {
     pub cache_ttl: Duration,
     pub on_unavailable: OnUnavailable,
     pub after_update: AfterUpdate,
+}
+
+/// `audit.max_bytes` default: 100 MiB.
+pub const DEFAULT_MAX_BYTES: u64 = 104_857_600;
+
+/// `audit.fsync`. Deserialises from `"always"`, `"interval"`, `"never"`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FsyncPolicy {
+    /// Attempts wait for `fdatasync` (group commit).
+    #[default]
+    Always,
+    /// Attempts wait for the write; the writer syncs once a second.
+    Interval,
+    /// Attempts wait for the write; synced only at shutdown.
+    Never,
+}
+
+/// The `[audit]` section, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditConfig {
+    /// The active file; rotated files go next to it. Its directory is not created.
+    pub path: PathBuf,
+    pub fsync: FsyncPolicy,
+    /// Rotate before the active file would grow past this; 0 disables rotation.
+    pub max_bytes: u64,
+}
+
+impl AuditConfig {
+    /// `path` with the default policy (`always`) and size (100 MiB).
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        AuditConfig {
+            path: path.into(),
+            fsync: FsyncPolicy::Always,
+            max_bytes: DEFAULT_MAX_BYTES,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -587,25 +690,25 @@ fn upstream_config(
         None => match &raw.token_file {
             Some(path) => TokenSetting::File {
                 path: path.clone(),
-                initial: Token::read_file(path)?,
+                initial: Token::read_file(path).map_err(|reason| ConfigError::TokenFile {
+                    path: path.clone(),
+                    reason,
+                })?,
             },
             None => return Err(ConfigError::MissingToken),
         },
     };
-    if let Some(ca) = &raw.extra_ca_file
-        && !ca.is_file()
-    {
-        return Err(invalid(
-            "upstream.extra_ca_file",
-            format!("{} is not a readable file", ca.display()),
-        ));
-    }
+    let extra_ca = raw
+        .extra_ca_file
+        .as_deref()
+        .map(read_extra_ca)
+        .transpose()?;
     Ok(UpstreamConfig {
         scheme,
         authority,
         base_path,
         token,
-        extra_ca_file: raw.extra_ca_file.clone(),
+        extra_ca,
         connect_timeout: millis("upstream.connect_timeout_ms", raw.connect_timeout_ms)?,
         timeout: millis("upstream.timeout_ms", raw.timeout_ms)?,
         retries: if raw.retries > 10 {

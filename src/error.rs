@@ -29,6 +29,8 @@ pub enum Error {
     BodyIncomplete,
     #[error("request body did not arrive in time")]
     RequestTimeout,
+    #[error("ambiguous request framing: {detail}")]
+    InvalidFraming { detail: &'static str },
     #[error("request body failed validation")]
     ValidationFailed(Vec<FieldError>),
     #[error("caller_line_id {line} is not one of the user's caller lines")]
@@ -70,6 +72,7 @@ impl Error {
             Error::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::InvalidJson { .. } | Error::BodyIncomplete => StatusCode::BAD_REQUEST,
             Error::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            Error::InvalidFraming { .. } => StatusCode::BAD_REQUEST,
             Error::ValidationFailed(_) | Error::UnknownCallerLine { .. } => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
@@ -97,6 +100,7 @@ impl Error {
             Error::PayloadTooLarge { .. } => "payload_too_large",
             Error::InvalidJson { .. } | Error::BodyIncomplete => "invalid_json",
             Error::RequestTimeout => "request_timeout",
+            Error::InvalidFraming { .. } => "invalid_framing",
             Error::ValidationFailed(_) => "validation_failed",
             Error::UnknownCallerLine { .. } => "unknown_caller_line",
             Error::ResidueExceeded { .. } => "residue_exceeded",
@@ -149,6 +153,11 @@ impl Error {
                     header::RETRY_AFTER,
                     HeaderValue::from(retry_after_secs.max(1)),
                 );
+            }
+            // The rest of the request cannot be trusted (framing) or is still
+            // arriving (timeout): answer, then close the connection.
+            Error::InvalidFraming { .. } | Error::RequestTimeout => {
+                h.insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             _ => {}
         }
@@ -209,6 +218,11 @@ mod tests {
             ),
             (Error::BodyIncomplete, 400, "invalid_json"),
             (Error::RequestTimeout, 408, "request_timeout"),
+            (
+                Error::InvalidFraming { detail: "x" },
+                400,
+                "invalid_framing",
+            ),
             (Error::ValidationFailed(vec![]), 422, "validation_failed"),
             (
                 Error::UnknownCallerLine { line: "l".into() },
@@ -259,6 +273,10 @@ mod tests {
     fn error_specific_headers_and_fields() {
         let (_, h, _) = body_of(Error::MethodNotAllowed);
         assert_eq!(h["allow"], "PUT");
+        let (_, h, _) = body_of(Error::InvalidFraming { detail: "x" });
+        assert_eq!(h["connection"], "close");
+        let (_, h, _) = body_of(Error::RequestTimeout);
+        assert_eq!(h["connection"], "close");
         let (_, h, _) = body_of(Error::RateLimited {
             retry_after_secs: 0,
         });

@@ -2,21 +2,28 @@
 //!
 //! # Layout
 //!
+//! Dependencies point down this list only (no module imports one above it):
+//!
 //! - [`cli`]: the subcommands (`serve`, `check`, `audit verify`, `mock-upstream`, `demo`).
-//! - [`config`]: the TOML file and `TASKGATE_*` overrides, validated into typed fields.
-//! - [`audit`]: the durable, hash-chained audit log, its sync thread and `verify`.
-//! - [`app`]: builds the shared [`app::State`], starts listeners and background tasks, shuts down in order.
-//! - [`server`]: accept loop, connection limits, header timeout, graceful drain.
+//! - [`signals`]: SIGTERM/SIGINT/SIGHUP, caught before start-up begins.
+//! - [`app`]: composes the shared state, owns every task, shuts down in order.
+//! - [`reload`]: SIGHUP's re-read of the config file, and what it changed.
+//! - [`admin`]: `/metrics`, `/healthz`, `/readyz`.
+//! - [`server`]: accept loop, connection limits, header timeout, lingering close, graceful drain.
+//! - [`pipeline`]: one PUT, stage by stage, in the order of DESIGN.md, and the state it shares.
 //! - [`router`]: the route table; the only place that knows which paths exist.
-//! - [`pipeline`]: one PUT, stage by stage, in the order of DESIGN.md.
-//! - [`upstream`]: the pooled HTTPS client and the bearer-token source.
-//! - [`error`]: the request error enum and its single mapping to the response envelope.
-//! - [`metrics`]: the Prometheus registry behind `/metrics`.
+//! - [`upstream`]: the pooled HTTPS client and the token in force.
+//! - [`audit`]: the durable, hash-chained audit log, its sync thread and `verify`.
 //! - [`access_log`]: one JSON line per request on stdout, written off the request path.
 //! - [`mock_vendor`]: the vendor emulator behind `mock-upstream`, `demo` and the tests.
+//! - leaves, importing nothing above them: [`config`] (the TOML file and
+//!   `TASKGATE_*` overrides, validated into typed fields), [`error`] (the
+//!   request error and its single mapping to the envelope), [`metrics`],
+//!   [`secret`] (the token), [`peer`], [`ids`], [`telemetry`].
 #![forbid(unsafe_code)]
 
 pub mod access_log;
+pub mod admin;
 pub mod app;
 pub mod audit;
 pub mod cli;
@@ -25,8 +32,12 @@ pub mod error;
 pub mod ids;
 pub mod metrics;
 pub mod mock_vendor;
+pub mod peer;
 pub mod pipeline;
+pub mod reload;
 pub mod router;
+pub mod secret;
 pub mod server;
+pub mod signals;
 pub mod telemetry;
 pub mod upstream;

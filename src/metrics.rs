@@ -1,5 +1,5 @@
 //! Prometheus metrics with the names of DESIGN.md, served on the admin
-//! listener's `/metrics`.
+//! listener's `/metrics`. A leaf: callers pass plain values in.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -137,32 +137,22 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    pub fn count_lookup(&self, r: crate::pipeline::residue::LookupResult) {
-        use crate::pipeline::residue::LookupResult;
-        let result = match r {
-            LookupResult::Hit => "hit",
-            LookupResult::Miss => "miss",
-            LookupResult::Error => "error",
-        };
+    /// One caller-line-list lookup: `hit`, `miss` (fetched) or `error`.
+    pub fn count_lookup(&self, result: &'static str) {
         self.residue_lookups
             .get_or_create(&ResultLabel { result })
             .inc();
     }
 
-    /// Counts one forwarded update by vendor status (0 when none came back).
-    pub fn observe_upstream(
-        &self,
-        answer: Result<crate::pipeline::forward::Forwarded, crate::error::Error>,
-    ) -> Result<crate::pipeline::forward::Forwarded, crate::error::Error> {
-        let status = answer.as_ref().map(|a| a.status.as_u16()).unwrap_or(0);
+    /// One forwarded update by vendor status (0 when none came back), with
+    /// the vendor's round trip when it answered.
+    pub fn observe_upstream(&self, status: u16, round_trip: Option<std::time::Duration>) {
         self.upstream_requests
             .get_or_create(&StatusLabel { status })
             .inc();
-        if let Ok(a) = &answer {
-            self.upstream_duration
-                .observe(a.upstream_time.as_secs_f64());
+        if let Some(rt) = round_trip {
+            self.upstream_duration.observe(rt.as_secs_f64());
         }
-        answer
     }
 
     /// The Prometheus text exposition.
@@ -172,33 +162,6 @@ impl Metrics {
             out.clear();
         }
         out
-    }
-}
-
-/// The audit writer reports through these hooks (from its own thread).
-impl crate::audit::AuditObserver for Metrics {
-    fn record_written(&self, event: crate::audit::Event) {
-        self.audit_records
-            .get_or_create(&EventLabel {
-                event: event.as_str(),
-            })
-            .inc();
-    }
-
-    fn fsync_done(&self, elapsed: std::time::Duration) {
-        self.audit_fsync.observe(elapsed.as_secs_f64());
-    }
-
-    fn record_dropped(&self, event: crate::audit::Event) {
-        self.audit_dropped
-            .get_or_create(&EventLabel {
-                event: event.as_str(),
-            })
-            .inc();
-    }
-
-    fn torn_line(&self) {
-        self.audit_torn_lines.inc();
     }
 }
 

@@ -1,10 +1,13 @@
 //! Listeners: the accept loop, the connection cap, the header read timeout,
-//! HTTP/1.1 and h2c on one port, and the graceful drain at shutdown.
+//! HTTP/1.1 and h2c on one port, lingering close, and the graceful drain at
+//! shutdown. Every connection task is spawned on the caller's tracker.
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,8 +18,13 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::peer::Peer;
 
 /// Per-listener protection against slow or greedy clients.
 #[derive(Debug, Clone)]
@@ -27,62 +35,71 @@ pub struct ServeLimits {
     pub grace: Duration,
 }
 
-/// A signal that flips to `true` once, when the process should stop accepting.
-pub type Shutdown = watch::Receiver<bool>;
+/// How long a closed connection keeps reading (and discarding) what the
+/// client still sends, so the answer it has not read yet is not destroyed by
+/// a TCP reset (NGINX's `lingering_close`; its `lingering_timeout` is 5 s).
+const LINGER: Duration = Duration::from_secs(5);
 
 /// The HTTP/2 connection preface; anything else is HTTP/1.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// What the first bytes of a connection say.
+enum Protocol {
+    Http1,
+    H2c,
+}
 
 /// Waits until the first bytes tell HTTP/1 from h2c, at most `deadline`.
 /// Normal clients send a request line or the whole preface at once, so this
 /// is one readiness wait and one peek; only a client trickling a prefix of
 /// the preface makes it look again.
-async fn protocol_known_in_time(stream: &tokio::net::TcpStream, deadline: Duration) -> bool {
+async fn sniff_protocol(stream: &TcpStream, deadline: Duration) -> Option<Protocol> {
     let until = tokio::time::Instant::now() + deadline;
     let mut buf = [0u8; 24];
     loop {
-        if tokio::time::timeout_at(until, stream.readable())
+        tokio::time::timeout_at(until, stream.readable())
             .await
-            .is_err()
-        {
-            return false;
-        }
+            .ok()?
+            .ok()?;
         // `readable` may report readiness that is not there (tokio says so;
         // a freshly accepted socket does), and `peek` then waits for data:
         // it needs the deadline as much as the readiness wait does.
         let n = match tokio::time::timeout_at(until, stream.peek(&mut buf)).await {
-            Ok(Ok(0) | Err(_)) | Err(_) => return false,
+            Ok(Ok(0) | Err(_)) | Err(_) => return None,
             Ok(Ok(n)) => n,
         };
-        if n == H2_PREFACE.len() || !H2_PREFACE.starts_with(&buf[..n]) {
-            return true;
+        if n == H2_PREFACE.len() {
+            return Some(Protocol::H2c);
+        }
+        if !H2_PREFACE.starts_with(&buf[..n]) {
+            return Some(Protocol::Http1);
         }
         // A partial preface: readiness stays set while bytes are buffered,
         // so wait a little before looking again.
-        if tokio::time::timeout_at(until, tokio::time::sleep(Duration::from_millis(10)))
+        tokio::time::timeout_at(until, tokio::time::sleep(Duration::from_millis(10)))
             .await
-            .is_err()
-        {
-            return false;
-        }
+            .ok()?;
     }
 }
 
-/// Completes once shutdown has been signalled (or its sender is gone).
-pub async fn fired(shutdown: &mut Shutdown) {
+/// Completes once `shutdown` has been signalled (or its sender is gone). For
+/// the vendor emulator, which stops on a watch channel.
+pub async fn fired(shutdown: &mut watch::Receiver<bool>) {
     // The guard `wait_for` returns is not `Send`; drop it here.
     let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
-/// Serves `handler` on `listener` until `shutdown` fires, then lets open
-/// connections finish their current request within `limits.grace`.
+/// Serves `handler` on `listener` until `shutdown` is cancelled, then lets
+/// open connections finish their current request within `limits.grace`.
+/// Connection tasks (and their lingering closes) run on `tasks`.
 pub async fn serve<H, F>(
     listener: TcpListener,
     limits: ServeLimits,
-    mut shutdown: Shutdown,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
     handler: H,
 ) where
-    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    H: Fn(Request<Incoming>, Peer) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -108,15 +125,15 @@ pub async fn serve<H, F>(
     loop {
         let permit = tokio::select! {
             biased;
-            () = fired(&mut shutdown) => break,
+            () = shutdown.cancelled() => break,
             permit = slots.clone().acquire_owned() => match permit {
                 Ok(p) => p,
                 Err(_) => break,
             },
         };
-        let (stream, peer) = tokio::select! {
+        let (stream, addr) = tokio::select! {
             biased;
-            () = fired(&mut shutdown) => break,
+            () = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
@@ -128,27 +145,43 @@ pub async fn serve<H, F>(
             },
         };
         let _ = stream.set_nodelay(true);
+        let peer = Peer::new(addr);
         let handler = handler.clone();
-        let service = service_fn(move |req| {
-            let handler = handler.clone();
-            async move { Ok::<_, Infallible>(handler(req, peer).await) }
-        });
+        let service = {
+            let peer = peer.clone();
+            service_fn(move |req| {
+                let fut = handler(req, peer.clone());
+                async move { Ok::<_, Infallible>(fut.await) }
+            })
+        };
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let deadline = limits.header_read_timeout;
-        tokio::spawn(async move {
+        let linger = Linger {
+            tasks: tasks.clone(),
+            stop: shutdown.clone(),
+            permit,
+        };
+        tasks.spawn(async move {
             // hyper's header timeout starts only once the protocol is known;
             // a client that sends nothing, or the h2c preface a byte at a
             // time, must not hold a connection slot for longer than it.
-            if protocol_known_in_time(&stream, deadline).await {
-                let conn = builder.serve_connection(TokioIo::new(stream), service);
-                // Connection errors (client went away, bad framing) are the
-                // client's business; hyper has already answered what it could.
-                if let Err(e) = watcher.watch(conn.into_owned()).await {
-                    tracing::debug!(cause = %e, client = %peer, "connection ended with an error");
-                }
+            let Some(protocol) = sniff_protocol(&stream, deadline).await else {
+                return;
+            };
+            let scan = matches!(protocol, Protocol::Http1).then(HeadScan::default);
+            let io = ConnIo {
+                stream: Some(stream),
+                scan,
+                peer,
+                linger: Some(linger),
+            };
+            let conn = builder.serve_connection(TokioIo::new(io), service);
+            // Connection errors (client went away, bad framing) are the
+            // client's business; hyper has already answered what it could.
+            if let Err(e) = watcher.watch(conn.into_owned()).await {
+                tracing::debug!(cause = %e, client = %addr, "connection ended with an error");
             }
-            drop(permit);
         });
     }
     drop(listener);
@@ -160,5 +193,213 @@ pub async fn serve<H, F>(
             grace_ms = limits.grace.as_millis() as u64,
             "grace period over; closing remaining connections"
         );
+    }
+}
+
+/// What a connection needs to close politely once hyper lets go of it.
+struct Linger {
+    tasks: TaskTracker,
+    stop: CancellationToken,
+    /// The connection's slot: held until the socket is really closed.
+    permit: OwnedSemaphorePermit,
+}
+
+/// The socket as hyper sees it. Reads are scanned for ambiguous framing
+/// (HTTP/1 only); when hyper drops it, the socket gets a lingering close.
+struct ConnIo {
+    /// `Some` until dropped.
+    stream: Option<TcpStream>,
+    scan: Option<HeadScan>,
+    peer: Peer,
+    linger: Option<Linger>,
+}
+
+impl ConnIo {
+    fn stream(&mut self) -> io::Result<Pin<&mut TcpStream>> {
+        match self.stream.as_mut() {
+            Some(s) => Ok(Pin::new(s)),
+            None => Err(io::ErrorKind::NotConnected.into()),
+        }
+    }
+}
+
+impl AsyncRead for ConnIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let result = match this.stream() {
+            Ok(s) => s.poll_read(cx, buf),
+            Err(e) => return Poll::Ready(Err(e)),
+        };
+        if let Some(scan) = &mut this.scan
+            && scan.feed(&buf.filled()[before..])
+        {
+            this.peer.mark_ambiguous_framing();
+        }
+        result
+    }
+}
+
+impl AsyncWrite for ConnIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut().stream() {
+            Ok(s) => s.poll_write(cx, buf),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut().stream() {
+            Ok(s) => s.poll_write_vectored(cx, bufs),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut().stream() {
+            Ok(s) => s.poll_flush(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut().stream() {
+            Ok(s) => s.poll_shutdown(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+}
+
+impl Drop for ConnIo {
+    fn drop(&mut self) {
+        let (Some(stream), Some(linger)) = (self.stream.take(), self.linger.take()) else {
+            return;
+        };
+        let Linger {
+            tasks,
+            stop,
+            permit,
+        } = linger;
+        tasks.spawn(async move {
+            tokio::select! {
+                () = lingering_close(stream) => {},
+                () = stop.cancelled() => {},
+            }
+            drop(permit);
+        });
+    }
+}
+
+/// Sends FIN, then reads and discards until the client closes too (or
+/// [`LINGER`] passes): closing a socket with unread input makes the kernel
+/// send a reset, which can destroy an answer the client has not read yet —
+/// a 408 to a client still sending its body, say.
+async fn lingering_close(mut stream: TcpStream) {
+    let _ = stream.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let until = tokio::time::Instant::now() + LINGER;
+    while let Ok(Ok(n)) = tokio::time::timeout_at(until, stream.read(&mut sink)).await {
+        if n == 0 {
+            break;
+        }
+    }
+}
+
+/// Finds a `Content-Length` and a `Transfer-Encoding` line in one header
+/// block (no blank line between them), across read boundaries. Body bytes
+/// pass through it too: a JSON body cannot hold such lines (raw CR/LF only
+/// appear between tokens, never before a bare `name:`), and a blank line
+/// ends every region, so one request's `Content-Length` never pairs with the
+/// next request's `Transfer-Encoding`.
+#[derive(Default)]
+struct HeadScan {
+    /// The current line's first bytes, lowercased (enough for the names).
+    start: [u8; 18],
+    /// Bytes of the current line so far, CR excluded.
+    len: usize,
+    saw_length: bool,
+    saw_coding: bool,
+}
+
+impl HeadScan {
+    /// Feeds bytes read from the client; true once an ambiguous head is seen.
+    fn feed(&mut self, bytes: &[u8]) -> bool {
+        let mut found = false;
+        for &b in bytes {
+            match b {
+                b'\n' => {
+                    if self.len == 0 {
+                        // A blank line: the end of a header block.
+                        self.saw_length = false;
+                        self.saw_coding = false;
+                    } else {
+                        let line = &self.start[..self.len.min(self.start.len())];
+                        self.saw_length |= line.starts_with(b"content-length:");
+                        self.saw_coding |= line.starts_with(b"transfer-encoding:");
+                        found |= self.saw_length && self.saw_coding;
+                    }
+                    self.len = 0;
+                }
+                b'\r' => {}
+                _ => {
+                    if let Some(slot) = self.start.get_mut(self.len) {
+                        *slot = b.to_ascii_lowercase();
+                    }
+                    self.len += 1;
+                }
+            }
+        }
+        found
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::HeadScan;
+
+    fn scan(chunks: &[&[u8]]) -> bool {
+        let mut s = HeadScan::default();
+        chunks.iter().fold(false, |found, c| s.feed(c) | found)
+    }
+
+    #[test]
+    fn both_framing_headers_in_one_head_are_found_across_reads() {
+        let head = b"PUT /x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert!(scan(&[head]));
+        let (a, b) = head.split_at(40);
+        assert!(scan(&[a, b]));
+        let bytes: Vec<&[u8]> = head.chunks(1).collect();
+        assert!(scan(&bytes));
+        assert!(scan(&[
+            b"PUT /x HTTP/1.1\r\ntransfer-encoding: chunked\r\nCONTENT-LENGTH: 5\r\n\r\n"
+        ]));
+    }
+
+    #[test]
+    fn separate_requests_do_not_pair() {
+        assert!(!scan(&[
+            b"PUT /x HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}",
+            b"PUT /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+            b"PUT /x HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}",
+        ]));
+        assert!(!scan(&[
+            b"PUT /x HTTP/1.1\r\nX-Content-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n"
+        ]));
     }
 }

@@ -1,106 +1,18 @@
-//! The vendor side: the bearer token (which never prints itself) and the
-//! pooled HTTP/1.1 + HTTP/2 client over rustls.
+//! The vendor side: the token in force (re-read from its file on rotation)
+//! and the pooled HTTP/1.1 + HTTP/2 client over rustls.
 
-use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::Bytes;
-use http::HeaderValue;
 use http_body_util::Full;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use rustls_pki_types::CertificateDer;
-use rustls_pki_types::pem::PemObject;
 
-use crate::config::{ConfigError, TokenSetting, UpstreamConfig};
-
-/// The vendor token. It is kept only as the ready-made `Authorization` value,
-/// marked sensitive so hyper's own debug output hides it too; `Debug` and
-/// `Display` print a placeholder.
-#[derive(Clone)]
-pub struct Token {
-    header: HeaderValue,
-}
-
-impl Token {
-    /// Trims surrounding whitespace; `None` when nothing is left or the token
-    /// holds characters a header cannot carry.
-    pub fn new(raw: &str) -> Option<Token> {
-        let t = raw.trim();
-        if t.is_empty() {
-            return None;
-        }
-        let mut header = HeaderValue::try_from(format!("Bearer {t}")).ok()?;
-        header.set_sensitive(true);
-        Some(Token { header })
-    }
-
-    pub fn read_file(path: &Path) -> Result<Token, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::TokenFile {
-            path: path.to_owned(),
-            reason: e.to_string(),
-        })?;
-        Token::new(&text).ok_or_else(|| ConfigError::TokenFile {
-            path: path.to_owned(),
-            reason: "empty, or not a valid header value".into(),
-        })
-    }
-
-    /// `body` with every occurrence of the token replaced by `<redacted>`: a
-    /// vendor (or anything posing as it) that echoes our `Authorization`
-    /// header must not make us hand the token to the caller.
-    pub fn redact_in(&self, body: Bytes) -> Bytes {
-        let secret = &self.header.as_bytes()["Bearer ".len()..];
-        if secret.is_empty() || !contains(&body, secret) {
-            return body;
-        }
-        let mut out = Vec::with_capacity(body.len());
-        let mut rest: &[u8] = &body;
-        while let Some(at) = find(rest, secret) {
-            out.extend_from_slice(&rest[..at]);
-            out.extend_from_slice(b"<redacted>");
-            rest = &rest[at + secret.len()..];
-        }
-        out.extend_from_slice(rest);
-        Bytes::from(out)
-    }
-
-    /// `Bearer <token>`, ready for the `Authorization` header.
-    pub fn authorization(&self) -> &HeaderValue {
-        &self.header
-    }
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    find(haystack, needle).is_some()
-}
-
-/// First index of `needle` in `haystack`. Vendor answers are small (capped at
-/// 1 MiB) and the first-byte filter skips most positions.
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    let first = *needle.first()?;
-    haystack
-        .iter()
-        .enumerate()
-        .filter(|(_, b)| **b == first)
-        .map(|(i, _)| i)
-        .find(|&i| haystack[i..].starts_with(needle))
-}
-
-impl fmt::Debug for Token {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Token(<redacted>)")
-    }
-}
-
-impl fmt::Display for Token {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
+use crate::config::{TokenSetting, UpstreamConfig};
+use crate::secret::Token;
 
 /// The token in force, and where it came from. A lock rather than a copy per
 /// request so a rotated token file (or a reload) can replace it while
@@ -159,6 +71,7 @@ impl TokenSource {
 
     /// Re-reads the token file. Returns the new token when it changed. An
     /// empty or unreadable file keeps the old token (logged once per cause).
+    /// Blocking file I/O: call it from a blocking thread, not a tokio worker.
     pub fn refresh(&self) -> Option<Token> {
         let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
         let (path, last_error) = file.as_mut()?;
@@ -172,8 +85,8 @@ impl TokenSource {
                 tracing::info!(path = %path.display(), "upstream token reloaded from file");
                 Some(token)
             }
-            Err(e) => {
-                let cause = e.to_string();
+            Err(reason) => {
+                let cause = format!("{}: {reason}", path.display());
                 if last_error.as_deref() != Some(cause.as_str()) {
                     tracing::warn!(cause = %cause, "token file unusable; keeping the current token");
                     *last_error = Some(cause);
@@ -186,11 +99,9 @@ impl TokenSource {
 
 pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
-/// Start-up errors of the TLS setup.
+/// The TLS setup failed (the CA file was checked with the config already).
 #[derive(Debug, thiserror::Error)]
 pub enum TlsSetupError {
-    #[error("upstream.extra_ca_file {path}: {reason}")]
-    ExtraCa { path: String, reason: String },
     #[error("TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
 }
@@ -200,20 +111,9 @@ pub enum TlsSetupError {
 pub fn build_client(cfg: &UpstreamConfig) -> Result<UpstreamClient, TlsSetupError> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    if let Some(path) = &cfg.extra_ca_file {
-        let err = |reason: String| TlsSetupError::ExtraCa {
-            path: path.display().to_string(),
-            reason,
-        };
-        let certs = CertificateDer::pem_file_iter(path)
-            .map_err(|e| err(e.to_string()))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| err(e.to_string()))?;
-        if certs.is_empty() {
-            return Err(err("holds no PEM certificate".into()));
-        }
-        for cert in certs {
-            roots.add(cert).map_err(|e| err(e.to_string()))?;
+    if let Some(ca) = &cfg.extra_ca {
+        for cert in &ca.certs {
+            roots.add(cert.clone())?;
         }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -240,38 +140,4 @@ pub fn build_client(cfg: &UpstreamConfig) -> Result<UpstreamClient, TlsSetupErro
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(std::time::Duration::from_secs(30))
         .build(https))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn token_never_prints_itself() {
-        let t = Token::new("  abc-secret\n").unwrap();
-        assert_eq!(format!("{t}"), "<redacted>");
-        assert!(!format!("{t:?}").contains("abc-secret"));
-        assert!(!format!("{:?}", t.authorization()).contains("abc-secret"));
-        assert_eq!(t.authorization().to_str().unwrap(), "Bearer abc-secret");
-    }
-
-    #[test]
-    fn echoed_tokens_are_redacted() {
-        let t = Token::new("s3cr3t").unwrap();
-        let body = Bytes::from_static(b"{\"auth\":\"Bearer s3cr3t\",\"x\":\"s3cr3ts3cr3t\"}");
-        let out = t.redact_in(body);
-        assert_eq!(
-            &out[..],
-            b"{\"auth\":\"Bearer <redacted>\",\"x\":\"<redacted><redacted>\"}"
-        );
-        let clean = Bytes::from_static(b"{\"code\":200}");
-        assert_eq!(t.redact_in(clean.clone()), clean);
-    }
-
-    #[test]
-    fn empty_or_unprintable_token_is_refused() {
-        assert!(Token::new("").is_none());
-        assert!(Token::new(" \n\t").is_none());
-        assert!(Token::new("a\u{1}b").is_none());
-    }
 }

@@ -111,54 +111,15 @@ mod writer;
 mod tests;
 
 use std::io;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-
+pub use crate::config::{AuditConfig, DEFAULT_MAX_BYTES, FsyncPolicy};
 pub use record::{Event, GENESIS_PREV, Record};
 pub use verify::{Location, Problem, VerifyError, VerifyReport, verify};
 pub use writer::{
     AuditLog, AuditWriterTask, RETRY_INTERVAL, SYNC_INTERVAL, audit_files, rotated_path,
 };
-
-/// `audit.max_bytes` default: 100 MiB.
-pub const DEFAULT_MAX_BYTES: u64 = 104_857_600;
-
-/// `audit.fsync`. Deserialises from `"always"`, `"interval"`, `"never"`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FsyncPolicy {
-    /// Attempts wait for `fdatasync` (group commit).
-    #[default]
-    Always,
-    /// Attempts wait for the write; the writer syncs once a second.
-    Interval,
-    /// Attempts wait for the write; synced only at shutdown.
-    Never,
-}
-
-/// The `[audit]` section, validated.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AuditConfig {
-    /// The active file; rotated files go next to it. Its directory is not created.
-    pub path: PathBuf,
-    pub fsync: FsyncPolicy,
-    /// Rotate before the active file would grow past this; 0 disables rotation.
-    pub max_bytes: u64,
-}
-
-impl AuditConfig {
-    /// `path` with the default policy (`always`) and size (100 MiB).
-    pub fn new(path: impl Into<PathBuf>) -> Self {
-        AuditConfig {
-            path: path.into(),
-            fsync: FsyncPolicy::Always,
-            max_bytes: DEFAULT_MAX_BYTES,
-        }
-    }
-}
 
 /// Why a record was not (durably) written. Every variant means "do not forward".
 #[derive(Debug, Clone, thiserror::Error)]

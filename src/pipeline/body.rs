@@ -1,5 +1,6 @@
-//! Body stage: media type, size limit, one JSON object. Runs before anything
-//! looks at the content, so later stages only ever see a parsed object.
+//! Body stage: framing, media type (and charset), size limit, one JSON
+//! object. Runs before anything looks at the content, so later stages only
+//! ever see a parsed object.
 
 use std::fmt;
 
@@ -12,25 +13,65 @@ use serde_json::{Map, Value};
 
 use crate::error::Error;
 
-/// The caller's bytes (forwarded unchanged) and their parse.
-pub struct JsonBody {
-    pub bytes: Bytes,
-    pub object: Map<String, Value>,
+/// Refuses a request whose body framing is ambiguous (RFC 9112 §6.3): both
+/// `Content-Length` and `Transfer-Encoding`, or a transfer coding other than
+/// a lone `chunked`. hyper would pick one reading; the vendor (or a proxy on
+/// the way) might pick the other, so nothing of it becomes a mutation.
+pub fn check_head(headers: &HeaderMap) -> Result<(), Error> {
+    let mut codings = headers.get_all(header::TRANSFER_ENCODING).iter().peekable();
+    if codings.peek().is_none() {
+        return Ok(());
+    }
+    if headers.contains_key(header::CONTENT_LENGTH) {
+        return Err(Error::InvalidFraming {
+            detail: "both Content-Length and Transfer-Encoding",
+        });
+    }
+    let mut tokens = codings
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty());
+    match (tokens.next(), tokens.next()) {
+        (Some(only), None) if only.eq_ignore_ascii_case(b"chunked") => Ok(()),
+        _ => Err(Error::InvalidFraming {
+            detail: "Transfer-Encoding other than chunked",
+        }),
+    }
 }
 
-/// `application/json`, parameters such as `charset` allowed, any case.
+/// `application/json`, any case, with no `charset` or a UTF-8 one: the
+/// vendor reads JSON as UTF-8, so the bytes checked here must be read that
+/// way too. Other parameters are ignored.
 pub fn is_json(headers: &HeaderMap) -> bool {
-    headers
+    let Some(value) = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"))
+    else {
+        return false;
+    };
+    let mut parts = value.split(';');
+    let mime_ok = parts
+        .next()
+        .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"));
+    mime_ok
+        && parts.all(|param| {
+            let (name, value) = param.split_once('=').unwrap_or((param, ""));
+            if !name.trim().eq_ignore_ascii_case("charset") {
+                return true;
+            }
+            let value = value.trim();
+            let value = value
+                .strip_prefix('"')
+                .and_then(|v| v.strip_suffix('"'))
+                .unwrap_or(value);
+            value.eq_ignore_ascii_case("utf-8") || value.eq_ignore_ascii_case("utf8")
+        })
 }
 
-/// Reads at most `max` bytes. A declared `Content-Length` over the limit is
-/// refused before a byte of the body is read; a chunked body is cut off as
-/// soon as it passes the limit.
-pub async fn read(headers: &HeaderMap, body: Incoming, max: usize) -> Result<JsonBody, Error> {
+/// Reads at most `max` bytes of a JSON-typed body. A declared
+/// `Content-Length` over the limit is refused before a byte of the body is
+/// read; a chunked body is cut off as soon as it passes the limit.
+pub async fn read(headers: &HeaderMap, body: Incoming, max: usize) -> Result<Bytes, Error> {
     if !is_json(headers) {
         return Err(Error::UnsupportedMediaType);
     }
@@ -41,15 +82,13 @@ pub async fn read(headers: &HeaderMap, body: Incoming, max: usize) -> Result<Jso
     if declared.is_some_and(|n| n > max as u64) {
         return Err(Error::PayloadTooLarge { limit: max });
     }
-    let bytes = match Limited::new(body, max).collect().await {
-        Ok(collected) => collected.to_bytes(),
+    match Limited::new(body, max).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            return Err(Error::PayloadTooLarge { limit: max });
+            Err(Error::PayloadTooLarge { limit: max })
         }
-        Err(_) => return Err(Error::BodyIncomplete),
-    };
-    let object = parse_object(&bytes)?;
-    Ok(JsonBody { bytes, object })
+        Err(_) => Err(Error::BodyIncomplete),
+    }
 }
 
 /// Exactly one JSON object (surrounding whitespace allowed) with no repeated
@@ -106,11 +145,48 @@ mod tests {
         h
     }
 
+    fn with(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, http::HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn ambiguous_framing_is_refused() {
+        assert!(check_head(&HeaderMap::new()).is_ok());
+        assert!(check_head(&with(&[("content-length", "3")])).is_ok());
+        assert!(check_head(&with(&[("transfer-encoding", "chunked")])).is_ok());
+        assert!(check_head(&with(&[("transfer-encoding", " Chunked ")])).is_ok());
+        for bad in [
+            &[("content-length", "3"), ("transfer-encoding", "chunked")][..],
+            &[("transfer-encoding", "gzip, chunked")],
+            &[
+                ("transfer-encoding", "gzip"),
+                ("transfer-encoding", "chunked"),
+            ],
+            &[("transfer-encoding", "chunked, chunked")],
+            &[("transfer-encoding", "identity")],
+            &[("transfer-encoding", "")],
+        ] {
+            assert!(
+                matches!(check_head(&with(bad)), Err(Error::InvalidFraming { .. })),
+                "{bad:?}"
+            );
+        }
+    }
+
     #[test]
     fn media_types() {
         assert!(is_json(&ct("application/json")));
         assert!(is_json(&ct("application/json; charset=utf-8")));
         assert!(is_json(&ct("Application/JSON;charset=UTF-8")));
+        assert!(is_json(&ct("application/json; charset=\"utf-8\"")));
+        assert!(is_json(&ct("application/json; foo=bar")));
+        assert!(!is_json(&ct("application/json; charset=gbk")));
+        assert!(!is_json(&ct("application/json; charset=iso-8859-1")));
+        assert!(!is_json(&ct("application/json; charset=")));
         assert!(!is_json(&ct("text/plain")));
         assert!(!is_json(&ct("application/jsonx")));
         assert!(!is_json(&ct("application/x-www-form-urlencoded")));

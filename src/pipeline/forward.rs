@@ -12,7 +12,8 @@ use http_body_util::{BodyExt, Full, Limited};
 use crate::config::UpstreamConfig;
 use crate::error::Error;
 use crate::router::TaskRoute;
-use crate::upstream::{Token, UpstreamClient};
+use crate::secret::Token;
+use crate::upstream::UpstreamClient;
 
 /// A vendor answer larger than this is not a task-update envelope; refusing
 /// it bounds the memory one request can take.
@@ -24,13 +25,16 @@ pub const MAX_UPSTREAM_BODY: usize = 1024 * 1024;
 pub struct Forwarded {
     pub status: StatusCode,
     pub content_type: Option<HeaderValue>,
+    /// Only when the vendor compressed although asked not to: passed on so
+    /// the caller is told how to read the body, never handed it undeclared.
+    pub content_encoding: Option<HeaderValue>,
     pub body: Bytes,
     pub upstream_time: Duration,
 }
 
 /// Headers that describe the caller's connection or carry the caller's
 /// credentials: never passed on. (`Host` and `Content-Length` are set anew.)
-const DROPPED: [HeaderName; 13] = [
+const DROPPED: [HeaderName; 14] = [
     header::AUTHORIZATION,
     header::PROXY_AUTHORIZATION,
     header::COOKIE,
@@ -43,6 +47,8 @@ const DROPPED: [HeaderName; 13] = [
     header::HOST,
     header::CONTENT_LENGTH,
     header::EXPECT,
+    // We ask for `identity` ourselves: the body must stay readable to us.
+    header::ACCEPT_ENCODING,
     HeaderName::from_static("x-request-id"),
 ];
 
@@ -54,6 +60,10 @@ fn is_dropped(name: &HeaderName, connection_named: &[&str]) -> bool {
             .iter()
             .any(|n| name.as_str().eq_ignore_ascii_case(n))
 }
+
+/// Asked of the vendor on every call: taskgate parses, redacts and passes
+/// back the body, so it must be the plain one.
+pub const IDENTITY: HeaderValue = HeaderValue::from_static("identity");
 
 /// The caller's headers that may travel upstream.
 pub fn upstream_headers(client: &HeaderMap, token: &Token, request_id: &str) -> HeaderMap {
@@ -72,6 +82,7 @@ pub fn upstream_headers(client: &HeaderMap, token: &Token, request_id: &str) -> 
         }
     }
     out.insert(header::AUTHORIZATION, token.authorization().clone());
+    out.insert(header::ACCEPT_ENCODING, IDENTITY);
     if let Ok(id) = HeaderValue::from_str(request_id) {
         out.insert(HeaderName::from_static("x-request-id"), id);
     }
@@ -158,6 +169,11 @@ pub async fn send(
         Ok(Forwarded {
             status: parts.status,
             content_type: parts.headers.get(header::CONTENT_TYPE).cloned(),
+            content_encoding: parts
+                .headers
+                .get(header::CONTENT_ENCODING)
+                .filter(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"))
+                .cloned(),
             body,
             upstream_time: started.elapsed(),
         })
@@ -198,12 +214,18 @@ mod tests {
         );
         h.insert("x-request-id", HeaderValue::from_static("spoofed"));
         h.insert(header::USER_AGENT, HeaderValue::from_static("svc/1"));
+        h.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("gzip, br"),
+        );
         let token = Token::new("tok").unwrap();
         let out = upstream_headers(&h, &token, "rid-1");
         assert_eq!(out[header::AUTHORIZATION], "Bearer tok");
         assert_eq!(out["x-request-id"], "rid-1");
         assert_eq!(out[header::CONTENT_TYPE], "application/json");
         assert_eq!(out[header::USER_AGENT], "svc/1");
+        assert_eq!(out[header::ACCEPT_ENCODING], "identity");
+        assert_eq!(out.get_all(header::ACCEPT_ENCODING).iter().count(), 1);
         for gone in [
             "cookie",
             "proxy-authorization",

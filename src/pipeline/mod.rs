@@ -6,9 +6,9 @@ pub mod body;
 pub mod forward;
 pub mod rate_limit;
 pub mod residue;
+pub mod state;
 pub mod validate;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -22,24 +22,24 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::access_log::AccessLine;
-use crate::app::{Live, State};
 use crate::audit::{Event, Record};
 use crate::error::Error;
 use crate::ids;
 use crate::metrics::RequestLabels;
+use crate::peer::Peer;
 use crate::router::{self, TaskRoute};
+use crate::secret::Token;
 use crate::telemetry::now_rfc3339;
-use crate::upstream::Token;
-use body::JsonBody;
 use rate_limit::{Decision, RateKey};
 use residue::Verdict;
+use state::{Live, State};
 use tokio::sync::oneshot::error::TryRecvError;
 
 /// What one request accumulates on its way through, for the access log and
 /// the audit records.
 pub struct Exchange {
     pub request_id: String,
-    pub client: SocketAddr,
+    pub client: Peer,
     pub route: Option<TaskRoute>,
     pub sub_user_id: Option<Uuid>,
     /// The parsed body, for the audit record.
@@ -78,14 +78,15 @@ impl Exchange {
 /// attempt record, the forward, its outcome record and its access-log line.
 pub async fn handle(
     state: Arc<State>,
-    client: SocketAddr,
+    client: Peer,
     req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
     let request_id = ids::request_id(req.headers());
     // Dropped with this future when the caller hangs up: the task then
     // forwards nothing that is not already on its way.
     let (caller, caller_gone) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(process(state, client, req, request_id.clone(), caller_gone));
+    let tasks = state.requests.clone();
+    let task = tasks.spawn(process(state, client, req, request_id.clone(), caller_gone));
     let result = task.await;
     drop(caller);
     match result {
@@ -106,7 +107,7 @@ pub async fn handle(
 /// `rejected` audit record.
 async fn process(
     state: Arc<State>,
-    client: SocketAddr,
+    client: Peer,
     req: Request<Incoming>,
     request_id: String,
     caller_gone: CallerGone,
@@ -209,16 +210,24 @@ async fn update(
     ex.stage = Stage::Examined;
     let (parts, incoming) = req.into_parts();
 
-    // Media type, size, one JSON object: 415/413/400. The body must arrive
-    // within the header timeout too, or a slow sender holds a slot forever.
+    // Framing, media type, size, one JSON object: 400/415/413/400. The body
+    // must arrive within the header timeout too, or a slow sender holds a
+    // slot forever.
     let limits = &live.config.limits;
-    let JsonBody { bytes, object } = tokio::time::timeout(
+    if ex.client.saw_ambiguous_framing() {
+        return Err(Error::InvalidFraming {
+            detail: "both Content-Length and Transfer-Encoding",
+        });
+    }
+    body::check_head(&parts.headers)?;
+    let bytes = tokio::time::timeout(
         limits.header_read_timeout,
         body::read(&parts.headers, incoming, limits.max_body_bytes),
     )
     .await
     .map_err(|_| Error::RequestTimeout)??;
     ex.bytes_in = bytes.len() as u64;
+    let object = body::parse_object(&bytes)?;
 
     // The vendor contract, every broken field at once: 422. Later stages
     // read the typed update, never the JSON again.
@@ -273,7 +282,7 @@ async fn update(
             list_key,
             task.caller_line_id,
             task.maximumcall,
-            |r| state.metrics.count_lookup(r),
+            |r| state.metrics.count_lookup(r.as_str()),
         )
         .await?;
 
@@ -337,6 +346,9 @@ async fn update(
     if let Some(ct) = answer.content_type {
         h.insert(header::CONTENT_TYPE, ct);
     }
+    if let Some(ce) = answer.content_encoding {
+        h.insert(header::CONTENT_ENCODING, ce);
+    }
     h.insert("ratelimit-limit", HeaderValue::from(limit));
     h.insert("ratelimit-remaining", HeaderValue::from(remaining));
     Ok(resp)
@@ -399,7 +411,7 @@ impl Forward {
         // A 401 may mean the token file was rotated under us. The vendor
         // applied nothing it refused, so re-read the file and try once more.
         if matches!(&answer, Ok(a) if a.status == http::StatusCode::UNAUTHORIZED)
-            && let Some(fresh) = state.token.newer_than(&token)
+            && let Some(fresh) = newer_token(&state, &token).await
         {
             answer = send(&fresh).await;
             if let Ok(a) = &mut answer {
@@ -424,7 +436,7 @@ impl Forward {
                 caller_line,
                 maximumcall,
             ),
-            _ => state.residue.invalidate(list_key),
+            _ => state.residue.invalidate(list_key, caller_line),
         }
 
         let record = match &answer {
@@ -448,8 +460,23 @@ impl Forward {
         // Only now may the next update of this line go: its attempt record
         // comes after this outcome.
         drop(line);
-        state.metrics.observe_upstream(answer)
+        state.metrics.observe_upstream(
+            answer.as_ref().map_or(0, |a| a.status.as_u16()),
+            answer.as_ref().ok().map(|a| a.upstream_time),
+        );
+        answer
     }
+}
+
+/// After the vendor refused `used`: the token file re-read on a blocking
+/// thread (never on a worker), and the token in force if it is newer.
+async fn newer_token(state: &State, used: &Token) -> Option<Token> {
+    let source = state.token.clone();
+    let used = used.clone();
+    tokio::task::spawn_blocking(move || source.newer_than(&used))
+        .await
+        .ok()
+        .flatten()
 }
 
 /// `code` and `message` when the vendor answered its usual envelope.
@@ -489,10 +516,7 @@ impl<'a> InflightGuard<'a> {
 
 impl Drop for InflightGuard<'_> {
     fn drop(&mut self) {
-        if self.state.inflight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            // Shutdown waits for this before closing the audit log.
-            self.state.idle.notify_waiters();
-        }
+        self.state.inflight.fetch_sub(1, Ordering::AcqRel);
         self.state.metrics.inflight.dec();
     }
 }

@@ -3,6 +3,8 @@
 //! are cached per (user, sub-user) with single flight, and updates of one
 //! (user, sub-user, line) are checked and forwarded one at a time, so two
 //! concurrent updates are never both admitted against the same stale value.
+//! An update makes only its own line's cached residue stale: the next update
+//! of another line of the same user is still answered from the cache.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -17,7 +19,8 @@ use uuid::Uuid;
 use crate::config::{AfterUpdate, OnUnavailable, ResidueConfig, UpstreamConfig};
 use crate::error::Error;
 use crate::pipeline::forward;
-use crate::upstream::{Token, UpstreamClient};
+use crate::secret::Token;
+use crate::upstream::UpstreamClient;
 
 /// Whose line list: the account, or one of its sub-accounts.
 pub type ListKey = (Uuid, Option<Uuid>);
@@ -59,11 +62,26 @@ pub enum LookupResult {
     Error,
 }
 
+impl LookupResult {
+    /// The `result` label of `taskgate_residue_lookups_total`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LookupResult::Hit => "hit",
+            LookupResult::Miss => "miss",
+            LookupResult::Error => "error",
+        }
+    }
+}
+
 type Cell = Arc<OnceCell<Result<Arc<LineList>, LookupError>>>;
 
 struct CacheEntry {
     cell: Cell,
     created: Instant,
+    /// Lines an update may have changed since this list was asked for (its
+    /// fetch may still be running): the next check of one of them reads the
+    /// list again, which replaces this entry. Few, so a Vec.
+    stale: Vec<Uuid>,
 }
 
 /// Past this many cached lists, expired ones are swept on the next insert.
@@ -146,7 +164,7 @@ impl ResidueGate {
         if !cfg.enabled {
             return Ok(Verdict::Disabled);
         }
-        let lines = match self.lines(cfg, lookup, key, on_lookup).await {
+        let lines = match self.lines(cfg, lookup, key, line, on_lookup).await {
             Ok(lines) => lines,
             Err(e) => {
                 tracing::warn!(cause = %e, user_id = %key.0, "caller line list unavailable");
@@ -174,10 +192,14 @@ impl ResidueGate {
         })
     }
 
-    /// Drops the cached list after an update the vendor may have applied, so
-    /// the next update reads the new residue.
-    pub fn invalidate(&self, key: ListKey) {
-        lock(&self.cache).remove(&key);
+    /// After an update of `line` the vendor may have applied: the next check
+    /// of that line reads the list again; the other lines' values stay.
+    pub fn invalidate(&self, key: ListKey, line: Uuid) {
+        if let Some(entry) = lock(&self.cache).get_mut(&key)
+            && !entry.stale.contains(&line)
+        {
+            entry.stale.push(line);
+        }
     }
 
     /// After an update the vendor accepted: with `AfterUpdate::Decrement`,
@@ -185,7 +207,7 @@ impl ResidueGate {
     /// what the vendor now reports, so nothing is admitted that a fresh read
     /// would refuse — and keeps the entry's age, so the TTL still bounds how
     /// long the list goes unread. With `Drop`, or if the cached list is not
-    /// the one this update was checked against, drops it.
+    /// the one this update was checked against, invalidates the line.
     pub fn settle(
         &self,
         cfg: &ResidueConfig,
@@ -200,6 +222,7 @@ impl ResidueGate {
         // again would under-report the residue.
         if cfg.after_update == AfterUpdate::Decrement
             && let Some(entry) = cache.get_mut(&key)
+            && !entry.stale.contains(&line)
             && let Some(Ok(lines)) = entry.cell.get()
             && Arc::ptr_eq(lines, checked)
             && lines.contains_key(&line)
@@ -211,7 +234,8 @@ impl ResidueGate {
             entry.cell = Arc::new(OnceCell::new_with(Some(Ok(Arc::new(lowered)))));
             return;
         }
-        cache.remove(&key);
+        drop(cache);
+        self.invalidate(key, line);
     }
 
     /// The cached list, or one fetch shared by every concurrent miss.
@@ -220,6 +244,7 @@ impl ResidueGate {
         cfg: &ResidueConfig,
         lookup: Lookup<'_>,
         key: ListKey,
+        line: Uuid,
         on_lookup: impl FnOnce(LookupResult),
     ) -> Result<Arc<LineList>, LookupError> {
         let cell = {
@@ -228,6 +253,7 @@ impl ResidueGate {
             let fresh = cache
                 .get(&key)
                 .filter(|e| now.duration_since(e.created) < cfg.cache_ttl)
+                .filter(|e| !e.stale.contains(&line))
                 .map(|e| e.cell.clone());
             match fresh {
                 Some(cell) => cell,
@@ -241,6 +267,7 @@ impl ResidueGate {
                         CacheEntry {
                             cell: cell.clone(),
                             created: now,
+                            stale: Vec::new(),
                         },
                     );
                     cell
@@ -287,6 +314,7 @@ async fn fetch(
     let mut headers = HeaderMap::new();
     headers.insert(header::AUTHORIZATION, lookup.token.authorization().clone());
     headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+    headers.insert(header::ACCEPT_ENCODING, forward::IDENTITY);
     if let Ok(id) = HeaderValue::from_str(lookup.request_id) {
         headers.insert("x-request-id", id);
     }
@@ -396,13 +424,15 @@ mod tests {
             CacheEntry {
                 cell,
                 created: Instant::now(),
+                stale: Vec::new(),
             },
         );
     }
 
+    /// The residue a check of `line` would be answered with from the cache.
     fn residue_of(gate: &ResidueGate, key: ListKey, line: Uuid) -> Option<i64> {
         let cache = lock(&gate.cache);
-        let entry = cache.get(&key)?;
+        let entry = cache.get(&key).filter(|e| !e.stale.contains(&line))?;
         match entry.cell.get() {
             Some(Ok(lines)) => lines.get(&line).copied(),
             _ => None,
@@ -425,10 +455,31 @@ mod tests {
         gate.settle(&cfg(AfterUpdate::Decrement), key, &checked, line, 3);
         assert_eq!(residue_of(&gate, key, line), None);
 
-        // `drop` always forgets the list.
+        // `drop` always forgets the line.
         cached(&gate, key, checked.clone());
         gate.settle(&cfg(AfterUpdate::Drop), key, &checked, line, 3);
         assert_eq!(residue_of(&gate, key, line), None);
+    }
+
+    #[test]
+    fn an_update_makes_only_its_own_line_stale() {
+        let gate = ResidueGate::default();
+        let key = (Uuid::new_v4(), None);
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        let list = Arc::new(LineList::from([(a, 5), (b, 1)]));
+        cached(&gate, key, list.clone());
+        gate.settle(&cfg(AfterUpdate::Drop), key, &list, a, 3);
+        assert_eq!(residue_of(&gate, key, a), None, "line a is read again");
+        assert_eq!(residue_of(&gate, key, b), Some(1), "line b stays cached");
+        gate.invalidate(key, b);
+        assert_eq!(residue_of(&gate, key, b), None);
+        // A decrement never lowers a line already marked stale.
+        let gate = ResidueGate::default();
+        cached(&gate, key, list.clone());
+        gate.invalidate(key, a);
+        gate.settle(&cfg(AfterUpdate::Decrement), key, &list, a, 3);
+        assert_eq!(residue_of(&gate, key, a), None);
+        assert_eq!(residue_of(&gate, key, b), Some(1));
     }
 
     #[tokio::test]
