@@ -78,9 +78,34 @@ pub enum AuditCommand {
 /// Exit code for a configuration error (EX_CONFIG in sysexits.h).
 const EXIT_CONFIG: u8 = 78;
 
-pub fn run(cli: Cli) -> ExitCode {
+/// The subcommands that run until stopped, and so catch signals.
+const LONG_RUNNING: [&str; 3] = ["serve", "demo", "mock-upstream"];
+
+/// Installs the signal handlers when the first argument names a long-running
+/// subcommand (`check` and `audit verify` keep the default actions). Called
+/// by `main` before the arguments are parsed, the earliest point there is.
+pub fn catch_signals_early() -> Option<std::io::Result<Signals>> {
+    let first = std::env::args_os().nth(1)?;
+    LONG_RUNNING
+        .iter()
+        .any(|c| first == *c)
+        .then(Signals::install)
+}
+
+/// Runs the parsed command; `signals` are those [`catch_signals_early`]
+/// installed (installed now when `None` and the command needs them).
+pub fn run(cli: Cli, signals: Option<std::io::Result<Signals>>) -> ExitCode {
+    let mut early = Some(signals);
+    let mut signals = move || match early.take().flatten() {
+        Some(Ok(s)) => Ok(s),
+        Some(Err(e)) => Err(fail(1, format!("cannot install signal handlers: {e}"))),
+        None => install_signals(),
+    };
     match cli.command {
-        Command::Serve { config } => serve(config),
+        Command::Serve { config } => match signals() {
+            Ok(s) => serve(config, s),
+            Err(code) => code,
+        },
         Command::Check { config } => check(config),
         Command::Audit {
             command: AuditCommand::Verify { files },
@@ -90,11 +115,17 @@ pub fn run(cli: Cli) -> ExitCode {
             lines,
             token,
             consume,
-        } => mock_upstream(listen, lines, token, consume),
+        } => match signals() {
+            Ok(s) => mock_upstream(listen, lines, token, consume, s),
+            Err(code) => code,
+        },
         Command::Demo {
             config,
             upstream_listen,
-        } => demo(config, upstream_listen),
+        } => match signals() {
+            Ok(s) => demo(config, upstream_listen, s),
+            Err(code) => code,
+        },
     }
 }
 
@@ -127,11 +158,7 @@ fn exit_code(stopped: Stopped) -> ExitCode {
     }
 }
 
-fn serve(path: Option<PathBuf>) -> ExitCode {
-    let mut signals = match install_signals() {
-        Ok(s) => s,
-        Err(code) => return code,
-    };
+fn serve(path: Option<PathBuf>, mut signals: Signals) -> ExitCode {
     let config = match Config::load(path.as_deref()) {
         Ok(c) => c,
         Err(e) => return fail(EXIT_CONFIG, e),
@@ -205,11 +232,8 @@ fn mock_upstream(
     lines: Option<PathBuf>,
     token: Option<String>,
     consume: bool,
+    mut signals: Signals,
 ) -> ExitCode {
-    let mut signals = match install_signals() {
-        Ok(s) => s,
-        Err(code) => return code,
-    };
     telemetry::init(LogFormat::Text);
     let lines = match lines.map(|p| mock_vendor::read_lines(&p)).transpose() {
         Ok(l) => l.unwrap_or_else(mock_vendor::sample_lines),
@@ -237,12 +261,8 @@ fn mock_upstream(
     })
 }
 
-fn demo(path: Option<PathBuf>, upstream_listen: String) -> ExitCode {
+fn demo(path: Option<PathBuf>, upstream_listen: String, mut signals: Signals) -> ExitCode {
     const DEMO_TOKEN: &str = "demo-token-not-secret";
-    let mut signals = match install_signals() {
-        Ok(s) => s,
-        Err(code) => return code,
-    };
     let raw = match RawConfig::read(path.as_deref()) {
         Ok(r) => r,
         Err(e) => return fail(EXIT_CONFIG, e),

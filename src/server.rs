@@ -68,11 +68,11 @@ async fn sniff_protocol(stream: &TcpStream, deadline: Duration) -> Option<Protoc
             Ok(Ok(0) | Err(_)) | Err(_) => return None,
             Ok(Ok(n)) => n,
         };
-        if n == H2_PREFACE.len() {
-            return Some(Protocol::H2c);
-        }
         if !H2_PREFACE.starts_with(&buf[..n]) {
             return Some(Protocol::Http1);
+        }
+        if n == H2_PREFACE.len() {
+            return Some(Protocol::H2c);
         }
         // A partial preface: readiness stays set while bytes are buffered,
         // so wait a little before looking again.
