@@ -292,4 +292,12 @@ impl AuditObserver for AuditMetrics {
     fn torn_line(&self) {
         self.0.audit_torn_lines.inc();
     }
+
+    fn file_replaced(&self) {
+        self.0.audit_file_replaced.inc();
+    }
+
+    fn rejected_skipped(&self) {
+        self.0.audit_rejected_skipped.inc();
+    }
 }

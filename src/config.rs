@@ -192,6 +192,9 @@ pub struct RawAudit {
     pub path: PathBuf,
     pub fsync: String,
     pub max_bytes: u64,
+    pub rejected_request_max_bytes: u64,
+    pub rejected_per_second: u32,
+    pub keep_files: u64,
 }
 
 impl Default for RawAudit {
@@ -200,6 +203,9 @@ impl Default for RawAudit {
             path: "./taskgate-audit.jsonl".into(),
             fsync: "always".into(),
             max_bytes: 104_857_600,
+            rejected_request_max_bytes: 2048,
+            rejected_per_second: 100,
+            keep_files: 0,
         }
     }
 }
@@ -448,15 +454,25 @@ pub struct AuditConfig {
     pub fsync: FsyncPolicy,
     /// Rotate before the active file would grow past this; 0 disables rotation.
     pub max_bytes: u64,
+    /// A `rejected` record keeps at most this much of the body.
+    pub rejected_request_max_bytes: usize,
+    /// At most this many `rejected` records per second (a bucket with a burst
+    /// of the same size); the rest are counted, not written.
+    pub rejected_per_second: u32,
+    /// Rotated files kept beyond the active one; 0 keeps all.
+    pub keep_files: usize,
 }
 
 impl AuditConfig {
-    /// `path` with the default policy (`always`) and size (100 MiB).
+    /// `path` with every other key at its default.
     pub fn new(path: impl Into<PathBuf>) -> Self {
         AuditConfig {
             path: path.into(),
             fsync: FsyncPolicy::Always,
             max_bytes: DEFAULT_MAX_BYTES,
+            rejected_request_max_bytes: 2048,
+            rejected_per_second: 100,
+            keep_files: 0,
         }
     }
 }
@@ -550,6 +566,25 @@ impl Config {
             } else {
                 raw.audit.max_bytes
             },
+            rejected_request_max_bytes: match raw.audit.rejected_request_max_bytes {
+                n @ 64..=1_048_576 => n as usize,
+                _ => {
+                    return Err(invalid(
+                        "audit.rejected_request_max_bytes",
+                        "must be between 64 and 1048576",
+                    ));
+                }
+            },
+            rejected_per_second: if raw.audit.rejected_per_second == 0 {
+                return Err(invalid(
+                    "audit.rejected_per_second",
+                    "must be greater than 0",
+                ));
+            } else {
+                raw.audit.rejected_per_second
+            },
+            keep_files: usize::try_from(raw.audit.keep_files)
+                .map_err(|_| invalid("audit.keep_files", "too large"))?,
         };
         let log_format = match raw.log.format.as_str() {
             "json" => LogFormat::Json,

@@ -41,6 +41,8 @@ pub struct Metrics {
     pub audit_records: Family<EventLabel, Counter>,
     pub audit_dropped: Family<EventLabel, Counter>,
     pub audit_torn_lines: Counter,
+    pub audit_file_replaced: Counter,
+    pub audit_rejected_skipped: Counter,
     pub audit_fsync: Histogram,
     pub inflight: Gauge,
     pub access_log_dropped: Counter,
@@ -64,6 +66,8 @@ impl Default for Metrics {
             audit_records: Family::default(),
             audit_dropped: Family::default(),
             audit_torn_lines: Counter::default(),
+            audit_file_replaced: Counter::default(),
+            audit_rejected_skipped: Counter::default(),
             audit_fsync: Histogram::new(
                 prometheus_client::metrics::histogram::exponential_buckets(0.00005, 2.0, 16),
             ),
@@ -116,6 +120,16 @@ impl Default for Metrics {
             "audit_torn_lines",
             "Torn final lines found in the audit log at start-up",
             m.audit_torn_lines.clone(),
+        );
+        registry.register(
+            "audit_file_replaced",
+            "Times the file at audit.path was removed, renamed or replaced under the running gateway",
+            m.audit_file_replaced.clone(),
+        );
+        registry.register(
+            "audit_rejected_skipped",
+            "Rejected records not written because of audit.rejected_per_second",
+            m.audit_rejected_skipped.clone(),
         );
         registry.register(
             "audit_fsync_seconds",

@@ -104,6 +104,9 @@
 //! write never has one).
 
 mod record;
+mod recover;
+mod rotation;
+mod sync;
 mod verify;
 mod writer;
 
@@ -115,11 +118,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use crate::config::{AuditConfig, DEFAULT_MAX_BYTES, FsyncPolicy};
-pub use record::{Event, GENESIS_PREV, Record};
+pub use record::{Event, GENESIS_PREV, Record, bounded_request};
+pub use rotation::{audit_files, rotated_path};
+pub use sync::{RETRY_INTERVAL, SYNC_INTERVAL};
 pub use verify::{Location, Problem, VerifyError, VerifyReport, verify};
-pub use writer::{
-    AuditLog, AuditWriterTask, RETRY_INTERVAL, SYNC_INTERVAL, audit_files, rotated_path,
-};
+pub use writer::{AuditLog, AuditWriterTask};
 
 /// Why a record was not (durably) written. Every variant means "do not forward".
 #[derive(Debug, Clone, thiserror::Error)]
@@ -152,6 +155,11 @@ pub trait AuditObserver: Send + Sync + 'static {
     fn record_dropped(&self, _event: Event) {}
     /// A torn line was found at the end of the log at start-up or re-open.
     fn torn_line(&self) {}
+    /// The file at `audit.path` was not the file being written (removed,
+    /// renamed or replaced); the chain continues in a new file.
+    fn file_replaced(&self) {}
+    /// A `rejected` record was not written (`audit.rejected_per_second`).
+    fn rejected_skipped(&self) {}
 }
 
 /// Observes nothing.

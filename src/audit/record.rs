@@ -139,6 +139,29 @@ impl Record {
     }
 }
 
+/// What a `rejected` record keeps of a body (`audit.rejected_request_max_bytes`):
+/// the parsed body when the body is at most `max` bytes, else
+/// `{"truncated": true, "bytes": <body size>, "head": "<the first bytes>"}`, so
+/// a flood of large refused bodies cannot fill the disk. `head` is cut at a
+/// character boundary; bytes that are not UTF-8 show as U+FFFD.
+pub fn bounded_request(body: &[u8], parsed: Option<Value>, max: usize) -> Option<Value> {
+    if body.len() <= max {
+        return parsed;
+    }
+    let mut head = &body[..max];
+    if let Err(e) = std::str::from_utf8(head)
+        && e.error_len().is_none()
+    {
+        // A character cut in two at the end: leave it out.
+        head = &head[..e.valid_up_to()];
+    }
+    Some(serde_json::json!({
+        "truncated": true,
+        "bytes": body.len(),
+        "head": String::from_utf8_lossy(head),
+    }))
+}
+
 /// The line without its `hash` member, in the documented field order (serde
 /// serialises struct fields in declaration order). Absent values are `null`, so
 /// every line has the same members in the same order.
@@ -359,6 +382,23 @@ mod tests {
             Parsed::Record(info) => assert!(!info.hash_ok),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn large_refused_bodies_keep_only_their_head() {
+        let small = json!({"a": 1});
+        assert_eq!(
+            bounded_request(b"{\"a\": 1}", Some(small.clone()), 64),
+            Some(small)
+        );
+        assert_eq!(bounded_request(b"nope", None, 64), None);
+        let big = format!("{{\"name\": \"{}\"}}", "é".repeat(100));
+        let kept = bounded_request(big.as_bytes(), Some(json!({})), 64).unwrap();
+        assert_eq!(kept["truncated"], true);
+        assert_eq!(kept["bytes"], big.len());
+        let head = kept["head"].as_str().unwrap();
+        assert!(head.len() <= 64 && big.starts_with(head), "{head}");
+        assert!(!head.contains('\u{fffd}'), "a split character is left out");
     }
 
     #[test]

@@ -34,9 +34,9 @@ impl AuditObserver for Counts {
 
 fn config(path: &Path, fsync: FsyncPolicy) -> AuditConfig {
     AuditConfig {
-        path: path.to_path_buf(),
         fsync,
         max_bytes: 0,
+        ..AuditConfig::new(path)
     }
 }
 
@@ -133,7 +133,16 @@ async fn writes_every_event_gap_free_with_all_fields() {
     }
     assert_eq!(recs[0]["request"]["name"], "spring\ncampaign");
     assert_eq!(recs[0]["residue"], 5);
-    assert_eq!(recs[0]["note"], "residue check disabled");
+    // The first record of a new chain says so, after its own note.
+    assert!(
+        recs[0]["note"]
+            .as_str()
+            .unwrap()
+            .starts_with("residue check disabled; new chain: no earlier audit record found"),
+        "{}",
+        recs[0]["note"]
+    );
+    assert_eq!(recs[1]["note"], Value::Null);
     assert_eq!(recs[0]["client"], "127.0.0.1:50000");
     assert_eq!(recs[0]["sub_user_id"], Value::Null);
     assert_eq!(recs[1]["upstream_status"], 200);
@@ -277,9 +286,11 @@ async fn full_device_fails_attempts_and_acks_nothing() {
         return;
     }
     let (log, task, counts) = start(config(path, FsyncPolicy::Always));
-    let err = log.append_durable(Record::attempt("r1")).await.unwrap_err();
-    assert!(matches!(err, AuditError::Write(_)), "{err:?}");
+    // Opening /dev/full succeeds; the real write and sync that proves the
+    // log fails, so it starts not writable.
     assert!(!log.is_writable());
+    let err = log.append_durable(Record::attempt("r1")).await.unwrap_err();
+    assert!(matches!(err, AuditError::NotWritable), "{err:?}");
     assert!(log.append_durable(Record::attempt("r2")).await.is_err());
     log.append(Record::outcome("r1"));
     let _ = task.shutdown().await;
@@ -354,11 +365,11 @@ async fn failed_fsync_takes_back_unsynced_outcomes_too() {
         AuditLog::start_with_failing_syncs(config(&path, FsyncPolicy::Always), counts.clone());
     assert_eq!(attempts(&log, 2).await, [1, 2]);
     let good = fs::read(&path).unwrap();
-    log.append(Record::outcome("req-0"));
+    log.append_written(Record::outcome("req-0")).await;
     assert_ne!(
         fs::read(&path).unwrap(),
         good,
-        "the outcome is written at once"
+        "the outcome is written before append_written returns"
     );
 
     fail_syncs.store(1, SeqCst);

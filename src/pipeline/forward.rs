@@ -113,6 +113,21 @@ pub fn upstream_uri(cfg: &UpstreamConfig, path_and_query: &str) -> Result<Uri, E
         })
 }
 
+/// A forward that did not end in a complete answer. `status` is the
+/// vendor's, when its head arrived before the body failed or the time ran
+/// out: the vendor may have applied the update, and the audit says so.
+#[derive(Debug)]
+pub struct SendError {
+    pub error: Error,
+    pub status: Option<StatusCode>,
+}
+
+impl From<SendError> for Error {
+    fn from(e: SendError) -> Error {
+        e.error
+    }
+}
+
 /// Sends one request and buffers the answer, within `cfg.timeout` overall.
 /// Only failures before the request could have left (connect refused, TLS
 /// handshake failure) are retried: the vendor never saw those. hyper's pool
@@ -125,8 +140,10 @@ pub async fn send(
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
-) -> Result<Forwarded, Error> {
+) -> Result<Forwarded, SendError> {
     let started = Instant::now();
+    // The vendor's status once its head arrived (0: not yet).
+    let seen = std::sync::atomic::AtomicU16::new(0);
     let exchange = async {
         let mut attempt = 0;
         let resp = loop {
@@ -153,6 +170,7 @@ pub async fn send(
             }
         };
         let (parts, body) = resp.into_parts();
+        seen.store(parts.status.as_u16(), std::sync::atomic::Ordering::Relaxed);
         let body = match Limited::new(body, MAX_UPSTREAM_BODY).collect().await {
             Ok(b) => b.to_bytes(),
             Err(e) if e.is::<http_body_util::LengthLimitError>() => {
@@ -178,10 +196,14 @@ pub async fn send(
             upstream_time: started.elapsed(),
         })
     };
-    match tokio::time::timeout(cfg.timeout, exchange).await {
+    let result = match tokio::time::timeout(cfg.timeout, exchange).await {
         Ok(result) => result,
         Err(_) => Err(Error::UpstreamTimeout),
-    }
+    };
+    result.map_err(|error| SendError {
+        error,
+        status: StatusCode::from_u16(seen.load(std::sync::atomic::Ordering::Relaxed)).ok(),
+    })
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::access_log::AccessLine;
-use crate::audit::{Event, Record};
+use crate::audit::{Event, Record, bounded_request};
 use crate::error::Error;
 use crate::ids;
 use crate::metrics::RequestLabels;
@@ -47,6 +47,8 @@ pub struct Exchange {
     pub stage: Stage,
     pub upstream_ms: Option<f64>,
     pub bytes_in: u64,
+    /// The body as read, for a `rejected` record's bounded copy.
+    pub body: Option<Bytes>,
 }
 
 /// How far a request got, which decides what the audit log gets on error.
@@ -123,6 +125,7 @@ async fn process(
         stage: Stage::Routing,
         upstream_ms: None,
         bytes_in: 0,
+        body: None,
     };
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
@@ -143,7 +146,13 @@ async fn process(
                 // Not waited for: a refusal is answered at once.
                 state.audit.append(Record {
                     reason: Some(reason.to_owned()),
-                    request: ex.request.take(),
+                    request: ex.body.as_ref().and_then(|body| {
+                        bounded_request(
+                            body,
+                            ex.request.take(),
+                            state.audit.rejected_request_max_bytes(),
+                        )
+                    }),
                     residue: match &err {
                         Error::ResidueExceeded { residue, .. } => Some(*residue),
                         _ => None,
@@ -227,6 +236,7 @@ async fn update(
     .await
     .map_err(|_| Error::RequestTimeout)??;
     ex.bytes_in = bytes.len() as u64;
+    ex.body = Some(bytes.clone());
     let object = body::parse_object(&bytes)?;
 
     // The vendor contract, every broken field at once: 422. Later stages
@@ -450,21 +460,29 @@ impl Forward {
                     ..outcome
                 }
             }
+            // The vendor's status stays when its body then failed: the
+            // update may have been applied.
             Err(e) => Record {
-                reason: Some(e.reason().to_owned()),
+                reason: Some(e.error.reason().to_owned()),
+                upstream_status: e.status.map(|s| s.as_u16()),
                 latency_ms: Some(ms(started.elapsed())),
                 ..outcome
             },
         };
-        state.audit.append(record);
+        // Written (not synced) before the caller is answered, so a crash
+        // after the answer does not lose it.
+        state.audit.append_written(record).await;
         // Only now may the next update of this line go: its attempt record
         // comes after this outcome.
         drop(line);
         state.metrics.observe_upstream(
-            answer.as_ref().map_or(0, |a| a.status.as_u16()),
+            match &answer {
+                Ok(a) => a.status.as_u16(),
+                Err(e) => e.status.map_or(0, |s| s.as_u16()),
+            },
             answer.as_ref().ok().map(|a| a.upstream_time),
         );
-        answer
+        answer.map_err(Error::from)
     }
 }
 
