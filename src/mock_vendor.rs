@@ -1,11 +1,13 @@
 //! The vendor emulator behind `taskgate mock-upstream`, `taskgate demo` and
 //! the tests: the task-update PUT and the task-initialisation GET with
 //! per-user caller lines, plus knobs for tests (record every request, delay,
-//! fail, reset, canned answers, residue consumption).
+//! fail, reset, canned answers, residue consumption, gzip answers).
 
 use std::collections::HashMap;
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -129,7 +131,10 @@ struct Shared {
     token: Mutex<Option<String>>,
     on_update: Mutex<Option<UpdateHook>>,
     /// Tests read what arrived; a long-running `mock-upstream` must not keep it.
-    recording: std::sync::atomic::AtomicBool,
+    recording: AtomicBool,
+    /// Gzip every answer whose request accepts gzip, as a vendor behind a CDN
+    /// would.
+    compress: AtomicBool,
 }
 
 /// At most this many requests are kept (the oldest half goes past it).
@@ -176,7 +181,8 @@ impl MockVendor {
             lines: Mutex::new(opts.lines.clone()),
             token: Mutex::new(opts.token.clone()),
             on_update: Mutex::new(None),
-            recording: std::sync::atomic::AtomicBool::new(true),
+            recording: AtomicBool::new(true),
+            compress: AtomicBool::new(false),
             opts,
             recorded: Mutex::new(Vec::new()),
             arrived: Notify::new(),
@@ -258,12 +264,17 @@ impl MockVendor {
 
     /// Keep (tests) or forget (the `mock-upstream` command) what arrives.
     pub fn set_recording(&self, on: bool) {
-        self.shared
-            .recording
-            .store(on, std::sync::atomic::Ordering::Relaxed);
+        self.shared.recording.store(on, Ordering::Relaxed);
         if !on {
             lock(&self.shared.recorded).clear();
         }
+    }
+
+    /// Gzip answers (with `Content-Encoding: gzip`) to requests whose
+    /// `Accept-Encoding` allows gzip, as a CDN in front of the vendor would.
+    /// What is recorded is unchanged.
+    pub fn set_compress(&self, on: bool) {
+        self.shared.compress.store(on, Ordering::Relaxed);
     }
 
     pub fn set_on_update(&self, hook: Option<UpdateHook>) {
@@ -306,9 +317,13 @@ async fn accept_loop(
             },
         };
         let shared = shared.clone();
-        let service = service_fn(move |req| {
+        let service = service_fn(move |req: Request<Incoming>| {
             let shared = shared.clone();
-            async move { answer(&shared, req).await }
+            async move {
+                let gzip = shared.compress.load(Ordering::Relaxed) && accepts_gzip(req.headers());
+                let resp = answer(&shared, req).await?;
+                Ok::<_, ResetConnection>(if gzip { gzipped(resp).await } else { resp })
+            }
         });
         let builder = builder.clone();
         let tls = tls.clone();
@@ -367,7 +382,7 @@ async fn answer(
         headers: parts.headers.clone(),
         body: body.clone(),
     };
-    if shared.recording.load(std::sync::atomic::Ordering::Relaxed) {
+    if shared.recording.load(Ordering::Relaxed) {
         let mut all = lock(&shared.recorded);
         if all.len() >= RECORD_LIMIT {
             all.drain(..RECORD_LIMIT / 2);
@@ -430,6 +445,56 @@ async fn answer(
         }
         _ => Ok(envelope(StatusCode::NOT_FOUND, "error", "not found", "")),
     }
+}
+
+/// Whether `Accept-Encoding` allows gzip: a `gzip` (or `x-gzip`) coding, or
+/// else `*`, with a q-value other than 0 (RFC 9110 §12.5.3). No header: no.
+fn accepts_gzip(headers: &HeaderMap) -> bool {
+    let mut gzip = None;
+    let mut any = None;
+    for value in headers.get_all(header::ACCEPT_ENCODING) {
+        let Ok(value) = value.to_str() else { continue };
+        for item in value.split(',') {
+            let mut parts = item.split(';');
+            let coding = parts.next().unwrap_or_default().trim();
+            let q_zero = parts.any(|p| {
+                p.trim()
+                    .strip_prefix("q=")
+                    .or_else(|| p.trim().strip_prefix("Q="))
+                    .and_then(|q| q.trim().parse::<f32>().ok())
+                    .is_some_and(|q| q == 0.0)
+            });
+            if coding.eq_ignore_ascii_case("gzip") || coding.eq_ignore_ascii_case("x-gzip") {
+                gzip = Some(!q_zero);
+            } else if coding == "*" {
+                any = Some(!q_zero);
+            }
+        }
+    }
+    gzip.or(any).unwrap_or(false)
+}
+
+/// `resp` with its body gzip-compressed and labelled so.
+async fn gzipped(resp: Response<Full<Bytes>>) -> Response<Full<Bytes>> {
+    let (mut parts, body) = resp.into_parts();
+    let plain = match body.collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(never) => match never {},
+    };
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    // Writing to a Vec cannot fail.
+    let packed = enc
+        .write_all(&plain)
+        .and_then(|()| enc.finish())
+        .unwrap_or_default();
+    parts
+        .headers
+        .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    parts
+        .headers
+        .insert(header::VARY, HeaderValue::from_static("accept-encoding"));
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, Full::new(Bytes::from(packed)))
 }
 
 fn faulty(fault: Fault) -> Result<Option<Response<Full<Bytes>>>, ResetConnection> {

@@ -1,0 +1,879 @@
+//! Edges a user or operator hits sooner or later: a signal while `serve` is
+//! still starting, a vendor behind a compressing CDN, ambiguous message
+//! framing, a non-UTF-8 charset, the residue cache of one line surviving an
+//! update of another, a CA file that does not parse, a body that trickles in
+//! past the timeout, and `bytes_in` of a refused body.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use http::Method;
+use serde_json::Value;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use support::*;
+
+/// The example user's second caller line (residue 1 in the emulator's sample).
+const LINE_TWO: &str = "37d73edf-4628-4cf1-8beb-758433fd0aab";
+
+// ---------------------------------------------------------------------------
+// `taskgate serve` as a bare child process (the harness waits for "ready",
+// which is exactly what a start-up test must not assume)
+// ---------------------------------------------------------------------------
+
+/// A `taskgate serve` child. Dropping it kills and reaps a child still running.
+struct Proc {
+    child: Option<Child>,
+    pid: u32,
+    stderr: mpsc::Receiver<String>,
+    seen: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+/// Writes `toml` to a fresh directory and starts `taskgate serve` on it, with
+/// the token in the environment, the audit log in that directory and
+/// `upstream` as the vendor URL.
+fn spawn_serve(toml: &str, upstream: &str) -> Proc {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("taskgate.toml");
+    std::fs::write(&config, toml).expect("write config");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_taskgate"))
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .current_dir(dir.path())
+        .env_remove("TASKGATE_UPSTREAM_TOKEN_FILE")
+        .env_remove("TASKGATE_LISTEN")
+        .env_remove("TASKGATE_ADMIN_LISTEN")
+        .env_remove("RUST_LOG")
+        .env("TASKGATE_UPSTREAM_TOKEN", TOKEN)
+        .env("TASKGATE_UPSTREAM_URL", upstream)
+        .env("TASKGATE_AUDIT_PATH", dir.path().join("audit.jsonl"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn taskgate");
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    let stream = child.stderr.take().expect("stderr piped");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    Proc {
+        child: Some(child),
+        pid,
+        stderr: rx,
+        seen: Vec::new(),
+        _dir: dir,
+    }
+}
+
+impl Proc {
+    /// Sends `sig` (e.g. "TERM"). Only called while the child is unreaped,
+    /// so the pid is still ours even if the process has died.
+    fn signal(&self, sig: &str) {
+        assert!(self.child.is_some(), "signal after the child was reaped");
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid.to_string())
+            .stderr(Stdio::null())
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -{sig} {} failed", self.pid);
+    }
+
+    /// Waits for the "taskgate ready" line: true when it came, false when
+    /// stderr closed without it (the process is gone). Panics after `within`.
+    fn wait_ready(&mut self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stderr.recv_timeout(left) {
+                Ok(line) => {
+                    let ready = line.contains("taskgate ready");
+                    self.seen.push(line);
+                    if ready {
+                        return true;
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => return false,
+                Err(mpsc::RecvTimeoutError::Timeout) => panic!(
+                    "no ready line and no exit within {within:?}; stderr:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// Waits (bounded) for the child to exit; SIGKILLs it and panics if it
+    /// does not within `within`.
+    fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("child not yet reaped");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait());
+        });
+        match rx.recv_timeout(within) {
+            Ok(status) => status.expect("wait for taskgate"),
+            Err(_) => {
+                let _ = Command::new("kill")
+                    .arg("-KILL")
+                    .arg(self.pid.to_string())
+                    .status();
+                let _ = rx.recv_timeout(Duration::from_secs(5));
+                panic!(
+                    "taskgate did not exit within {within:?}; stderr:\n{}",
+                    self.stderr_text()
+                );
+            }
+        }
+    }
+
+    /// Everything read from stderr so far (the rest drained without waiting).
+    fn stderr_text(&mut self) -> String {
+        let rest: Vec<String> = self.stderr.try_iter().collect();
+        self.seen.extend(rest);
+        self.seen.join("\n")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// How a process ended, for messages: "exit 0", "killed by signal 15".
+fn describe(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit {code}"),
+        (None, Some(sig)) => format!("killed by signal {sig}"),
+        _ => format!("{status:?}"),
+    }
+}
+
+const STARTUP_CONFIG: &str = "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n";
+/// Signal delays after spawn, in ms, and trials per delay.
+const SIGNAL_DELAYS_MS: std::ops::RangeInclusive<u64> = 1..=10;
+const TRIALS_PER_DELAY: usize = 10;
+/// The whole start-up test, in a debug build on a busy 2-core machine.
+const STARTUP_BUDGET: Duration = Duration::from_secs(90);
+/// One wait inside a trial (ready line, exit).
+const STEP: Duration = Duration::from_secs(15);
+
+/// A vendor URL nobody answers on: a bound port that never accepts. Nothing
+/// is asked of the vendor during start-up.
+fn silent_upstream() -> (std::net::TcpListener, String) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("http://{}", l.local_addr().expect("addr"));
+    (l, url)
+}
+
+/// Runs `trial(k)` for every delay `TRIALS_PER_DELAY` times, within the
+/// budget, and fails listing the trials that went wrong.
+fn every_delay(trial: impl Fn(u64) -> Result<(), String>) {
+    let started = Instant::now();
+    let mut failures = Vec::new();
+    let mut runs = 0;
+    for k in SIGNAL_DELAYS_MS {
+        for rep in 0..TRIALS_PER_DELAY {
+            assert!(
+                started.elapsed() < STARTUP_BUDGET,
+                "over the {STARTUP_BUDGET:?} budget after {runs} trials; failures so far: {failures:?}"
+            );
+            runs += 1;
+            if let Err(e) = trial(k) {
+                failures.push((k, format!("k={k}ms rep {rep}: {e}")));
+            }
+        }
+    }
+    let per_delay: Vec<String> = SIGNAL_DELAYS_MS
+        .map(|k| {
+            let n = failures.iter().filter(|(d, _)| *d == k).count();
+            format!("{k}ms: {n}/{TRIALS_PER_DELAY}")
+        })
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{} of {runs} trials failed (per delay: {}); first ones:\n{}",
+        failures.len(),
+        per_delay.join(", "),
+        failures
+            .iter()
+            .take(5)
+            .map(|(_, f)| f.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+#[test]
+fn sigterm_at_any_moment_of_startup_exits_0() {
+    let (_vendor, upstream) = silent_upstream();
+    every_delay(|k| {
+        let mut p = spawn_serve(STARTUP_CONFIG, &upstream);
+        std::thread::sleep(Duration::from_millis(k));
+        p.signal("TERM");
+        let status = p.wait_exit(STEP);
+        if status.signal().is_none() && status.code() == Some(0) {
+            Ok(())
+        } else {
+            let err = p.stderr_text();
+            Err(format!("{}; stderr: {err}", describe(status)))
+        }
+    });
+}
+
+#[test]
+fn sighup_during_startup_does_not_kill_and_sigterm_then_exits_0() {
+    let (_vendor, upstream) = silent_upstream();
+    every_delay(|k| {
+        let mut p = spawn_serve(STARTUP_CONFIG, &upstream);
+        std::thread::sleep(Duration::from_millis(k));
+        p.signal("HUP");
+        if !p.wait_ready(STEP) {
+            let status = p.wait_exit(STEP);
+            let err = p.stderr_text();
+            return Err(format!(
+                "SIGHUP ended it before ready: {}; stderr: {err}",
+                describe(status)
+            ));
+        }
+        p.signal("TERM");
+        let status = p.wait_exit(STEP);
+        if status.signal().is_none() && status.code() == Some(0) {
+            Ok(())
+        } else {
+            let err = p.stderr_text();
+            Err(format!(
+                "ready, then SIGTERM: {}; stderr: {err}",
+                describe(status)
+            ))
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------
+// Raw HTTP/1.1 on a TCP stream
+// ---------------------------------------------------------------------------
+
+/// One response as it came off the wire.
+#[derive(Debug, Clone)]
+struct RawResponse {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+    /// The whole body its Content-Length declared arrived.
+    complete: bool,
+}
+
+impl RawResponse {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {:?}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    fn reason(&self) -> String {
+        self.json()["data"]["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Splits what a connection returned into responses (taskgate frames its
+/// answers with Content-Length; 1xx has no body).
+fn parse_responses(mut bytes: &[u8]) -> Vec<RawResponse> {
+    let mut out = Vec::new();
+    while let Some(end) = find(bytes, b"\r\n\r\n") {
+        let head = String::from_utf8_lossy(&bytes[..end]).into_owned();
+        let mut lines = head.split("\r\n");
+        let status: u16 = lines
+            .next()
+            .and_then(|l| l.split(' ').nth(1))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+            .collect();
+        let rest = &bytes[end + 4..];
+        let declared = if (100..200).contains(&status) {
+            Some(0)
+        } else {
+            headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+                .and_then(|(_, v)| v.parse::<usize>().ok())
+        };
+        let len = declared.unwrap_or(rest.len()).min(rest.len());
+        out.push(RawResponse {
+            status,
+            headers,
+            body: rest[..len].to_vec(),
+            complete: declared.is_some_and(|d| d == len),
+        });
+        bytes = &rest[len..];
+    }
+    out
+}
+
+/// What one raw connection got back.
+struct Exchange {
+    bytes: Vec<u8>,
+    responses: Vec<RawResponse>,
+    /// The read side ended: EOF or an error.
+    closed: bool,
+    /// The error that ended the read side, if it was not a clean EOF.
+    error: Option<std::io::Error>,
+}
+
+impl std::fmt::Debug for Exchange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Exchange")
+            .field("text", &String::from_utf8_lossy(&self.bytes))
+            .field("closed", &self.closed)
+            .field("error", &self.error)
+            .finish()
+    }
+}
+
+impl Exchange {
+    /// The only response; panics with the whole exchange otherwise.
+    fn one(&self) -> &RawResponse {
+        assert_eq!(self.responses.len(), 1, "expected one response: {self:?}");
+        &self.responses[0]
+    }
+}
+
+/// When to stop reading.
+#[derive(Debug, Clone, Copy)]
+enum Until {
+    /// This many complete final (non-1xx) responses, or the end of the stream.
+    Responses(usize),
+    /// The end of the stream (EOF or an error).
+    Closed,
+}
+
+/// Reads for at most `within` (then returns what it has, `closed` false).
+async fn read_back(r: &mut (impl AsyncRead + Unpin), until: Until, within: Duration) -> Exchange {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut bytes = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut error = None;
+    let closed = loop {
+        if let Until::Responses(n) = until
+            && parse_responses(&bytes)
+                .iter()
+                .filter(|r| r.complete && r.status >= 200)
+                .count()
+                >= n
+        {
+            break false;
+        }
+        match tokio::time::timeout_at(deadline, r.read(&mut buf)).await {
+            Err(_) => break false,
+            Ok(Ok(0)) => break true,
+            Ok(Err(e)) => {
+                error = Some(e);
+                break true;
+            }
+            Ok(Ok(n)) => bytes.extend_from_slice(&buf[..n]),
+        }
+    };
+    Exchange {
+        responses: parse_responses(&bytes),
+        bytes,
+        closed,
+        error,
+    }
+}
+
+/// Writes `request` on a fresh connection and reads what comes back.
+async fn raw(addr: SocketAddr, request: &[u8], until: Until, within: Duration) -> Exchange {
+    let mut s = TcpStream::connect(addr).await.expect("connect to gateway");
+    // The gateway may answer and close before it has read everything; what
+    // it answered is what counts.
+    let _ = s.write_all(request).await;
+    read_back(&mut s, until, within).await
+}
+
+/// A PUT head for `target` with `extra` header lines (each ending in CRLF),
+/// then the blank line.
+fn put_head(target: &str, extra: &str) -> String {
+    format!(
+        "PUT {target} HTTP/1.1\r\nHost: taskgate\r\nContent-Type: application/json\r\n{extra}\r\n"
+    )
+}
+
+/// `body` as one chunk and the last chunk.
+fn chunked(body: &str) -> String {
+    format!("{:x}\r\n{body}\r\n0\r\n\r\n", body.len())
+}
+
+fn assert_vendor_got_nothing(vendor: &MockVendor, what: &str) {
+    let seen: Vec<String> = vendor
+        .requests()
+        .iter()
+        .map(|r| format!("{} {}", r.method, r.target))
+        .collect();
+    assert!(seen.is_empty(), "{what}: the vendor received {seen:?}");
+}
+
+// ---------------------------------------------------------------------------
+// Compression
+// ---------------------------------------------------------------------------
+
+fn gunzip(bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(bytes)
+        .read_to_end(&mut out)
+        .expect("valid gzip");
+    out
+}
+
+/// The knob the next test relies on: the emulator gzips exactly when asked.
+#[tokio::test]
+async fn the_emulator_gzips_answers_when_the_request_accepts_gzip() {
+    let vendor = vendor().await;
+    let url = format!("{}{}", vendor.url(), example_path());
+    let auth = format!("Bearer {TOKEN}");
+    let put = |accept: Option<&'static str>| {
+        let url = url.clone();
+        let auth = auth.clone();
+        async move {
+            let mut headers = vec![
+                ("content-type", "application/json"),
+                ("authorization", auth.as_str()),
+            ];
+            if let Some(a) = accept {
+                headers.push(("accept-encoding", a));
+            }
+            send(Method::PUT, &url, &headers, EXAMPLE_BODY).await
+        }
+    };
+    let success: Value = serde_json::from_str(SUCCESS_BODY).unwrap();
+
+    let off = put(Some("gzip")).await;
+    assert!(
+        off.headers.get("content-encoding").is_none(),
+        "off by default"
+    );
+    assert_eq!(off.json(), success);
+
+    vendor.set_compress(true);
+    for accept in ["gzip", "deflate, GZIP;q=0.5", "br, *"] {
+        let r = put(Some(accept)).await;
+        assert_eq!(r.status, 200, "{accept}");
+        assert_eq!(r.headers["content-encoding"], "gzip", "{accept}");
+        assert_eq!(gunzip(&r.body), SUCCESS_BODY.as_bytes(), "{accept}");
+    }
+    for accept in [
+        None,
+        Some("identity"),
+        Some("gzip;q=0"),
+        Some("*, gzip;q=0"),
+    ] {
+        let r = put(accept).await;
+        assert!(
+            r.headers.get("content-encoding").is_none(),
+            "{accept:?}: {:?}",
+            r.headers
+        );
+        assert_eq!(r.json(), success, "{accept:?}");
+    }
+    // The line list is compressed too, and what was recorded is the request.
+    let init = send(
+        Method::GET,
+        &format!("{}{}", vendor.url(), task_path(EXAMPLE_USER, "create")),
+        &[
+            ("authorization", auth.as_str()),
+            ("accept-encoding", "gzip"),
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(init.headers["content-encoding"], "gzip");
+    let list: Value = serde_json::from_slice(&gunzip(&init.body)).expect("list is JSON");
+    assert_eq!(
+        list["data"]["caller_line_list"][0]["value"], EXAMPLE_LINE,
+        "{list}"
+    );
+    let last_put = vendor.updates().pop().unwrap();
+    assert_eq!(last_put.body, EXAMPLE_BODY.as_bytes());
+}
+
+#[tokio::test]
+async fn a_compressing_vendor_still_gives_the_caller_plain_json() {
+    let vendor = vendor().await;
+    vendor.set_compress(true);
+    let gw = Gateway::start(&vendor.url()).await;
+    let resp = send(
+        Method::PUT,
+        &gw.url(&example_path()),
+        &[
+            ("content-type", "application/json"),
+            ("accept-encoding", "gzip"),
+        ],
+        EXAMPLE_BODY,
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{:?}", resp.body);
+    let encoding = resp
+        .headers
+        .get("content-encoding")
+        .map(|v| v.to_str().unwrap_or("?").to_owned());
+    assert!(
+        encoding.is_none() || encoding.as_deref() == Some("identity"),
+        "the caller got Content-Encoding {encoding:?}"
+    );
+    let got: Value = serde_json::from_slice(&resp.body).unwrap_or_else(|e| {
+        panic!(
+            "the caller's body is not JSON ({e}): {:?}",
+            String::from_utf8_lossy(&resp.body)
+        )
+    });
+    assert_eq!(got, serde_json::from_str::<Value>(SUCCESS_BODY).unwrap());
+
+    let (updates, inits) = (vendor.updates(), vendor.inits());
+    assert_eq!((updates.len(), inits.len()), (1, 1));
+    for (what, r) in [
+        ("the update", &updates[0]),
+        ("the line-list read", &inits[0]),
+    ] {
+        let asked: Vec<&str> = r
+            .headers
+            .get_all("accept-encoding")
+            .iter()
+            .map(|v| v.to_str().unwrap_or("?"))
+            .collect();
+        assert_eq!(
+            asked,
+            ["identity"],
+            "{what}: the vendor was asked for Accept-Encoding {asked:?}"
+        );
+    }
+    gw.assert_token_never_logged();
+}
+
+// ---------------------------------------------------------------------------
+// Framing
+// ---------------------------------------------------------------------------
+
+/// Long enough for a gateway that keeps the connection open to be caught,
+/// shorter than the header timeout that would close it anyway.
+const CLOSE_WITHIN: Duration = Duration::from_secs(3);
+
+#[tokio::test]
+async fn ambiguous_framing_is_400_invalid_framing_and_closes() {
+    let vendor = vendor().await;
+    let gw = Gateway::builder(&vendor.url())
+        .toml("[limits]\nheader_read_timeout_ms = 10000")
+        .start()
+        .await;
+    let body = chunked(EXAMPLE_BODY);
+    let cases = [
+        (
+            "Content-Length and chunked",
+            format!(
+                "{}{body}",
+                put_head(
+                    &example_path(),
+                    &format!(
+                        "Content-Length: {}\r\nTransfer-Encoding: chunked\r\n",
+                        body.len()
+                    )
+                )
+            ),
+        ),
+        (
+            "gzip, chunked",
+            format!(
+                "{}{body}",
+                put_head(&example_path(), "Transfer-Encoding: gzip, chunked\r\n")
+            ),
+        ),
+    ];
+    for (name, request) in &cases {
+        let ex = raw(gw.addr, request.as_bytes(), Until::Closed, CLOSE_WITHIN).await;
+        let r = ex.one();
+        assert_eq!(r.status, 400, "{name}: {ex:?}");
+        assert_eq!(r.reason(), "invalid_framing", "{name}: {ex:?}");
+        assert_eq!(r.json()["code"], 400, "{name}");
+        assert_eq!(
+            r.header("connection")
+                .map(str::to_ascii_lowercase)
+                .as_deref(),
+            Some("close"),
+            "{name}: {ex:?}"
+        );
+        assert!(
+            ex.closed,
+            "{name}: the connection was still open after {CLOSE_WITHIN:?}"
+        );
+        assert_vendor_got_nothing(&vendor, name);
+    }
+}
+
+#[tokio::test]
+async fn a_plain_chunked_request_is_still_served() {
+    let vendor = vendor().await;
+    let gw = Gateway::start(&vendor.url()).await;
+    let request = format!(
+        "{}{}",
+        put_head(&example_path(), "Transfer-Encoding: chunked\r\n"),
+        chunked(EXAMPLE_BODY)
+    );
+    let ex = raw(
+        gw.addr,
+        request.as_bytes(),
+        Until::Responses(1),
+        Duration::from_secs(15),
+    )
+    .await;
+    assert_eq!(ex.one().status, 200, "{ex:?}");
+    let updates = vendor.updates();
+    assert_eq!(updates.len(), 1);
+    assert_eq!(updates[0].body, EXAMPLE_BODY.as_bytes());
+}
+
+// ---------------------------------------------------------------------------
+// Charset
+// ---------------------------------------------------------------------------
+
+async fn put_typed(gw: &Gateway, content_type: &str) -> Resp {
+    send(
+        Method::PUT,
+        &gw.url(&example_path()),
+        &[("content-type", content_type)],
+        EXAMPLE_BODY,
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_charset_other_than_utf8_is_415() {
+    let vendor = vendor().await;
+    let gw = Gateway::start(&vendor.url()).await;
+    for ct in [
+        "application/json; charset=gbk",
+        "application/json; charset=ISO-8859-1",
+    ] {
+        let resp = put_typed(&gw, ct).await;
+        assert_eq!(resp.status, 415, "{ct}: {}", resp.text());
+        assert_eq!(resp.reason(), "unsupported_media_type", "{ct}");
+        assert_vendor_got_nothing(&vendor, ct);
+    }
+}
+
+#[tokio::test]
+async fn a_utf8_charset_in_any_spelling_is_accepted() {
+    let vendor = vendor().await;
+    let gw = Gateway::start(&vendor.url()).await;
+    for ct in [
+        "application/json; charset=UTF-8",
+        "application/json;charset=\"utf-8\"",
+    ] {
+        let resp = put_typed(&gw, ct).await;
+        assert_eq!(resp.status, 200, "{ct}: {}", resp.text());
+    }
+    assert_eq!(vendor.updates().len(), 2);
+}
+
+// ---------------------------------------------------------------------------
+// Residue cache per caller line
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn updating_one_line_keeps_the_other_lines_cached_residue() {
+    let vendor = vendor().await;
+    // A TTL far beyond the test, so only invalidation can cause a re-read.
+    let gw = Gateway::builder(&vendor.url())
+        .toml("[residue]\ncache_ttl_ms = 600000")
+        .start()
+        .await;
+    let resp = put(&gw, example_path(), EXAMPLE_BODY).await;
+    assert_eq!(resp.status, 200, "line one: {}", resp.text());
+    assert_eq!(vendor.inits().len(), 1, "the first update reads the list");
+
+    let resp = put(&gw, example_path(), body_with(1, LINE_TWO)).await;
+    assert_eq!(resp.status, 200, "line two: {}", resp.text());
+    assert_eq!(
+        vendor.inits().len(),
+        1,
+        "the accepted update of line one cost the next update of line two a vendor read"
+    );
+
+    let resp = put(&gw, example_path(), EXAMPLE_BODY).await;
+    assert_eq!(resp.status, 200, "line one again: {}", resp.text());
+    assert_eq!(
+        vendor.inits().len(),
+        2,
+        "line one's own residue must be read again after its update"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Bad CA file
+// ---------------------------------------------------------------------------
+
+#[test]
+fn a_ca_file_that_does_not_parse_is_a_config_error_for_check_and_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "bad base64",
+            "-----BEGIN CERTIFICATE-----\nnot base64 at all!\n-----END CERTIFICATE-----\n",
+        ),
+        ("no PEM at all", "this file holds no certificate\n"),
+        ("empty", ""),
+    ];
+    let (_vendor, upstream) = silent_upstream();
+    let mut problems = Vec::new();
+    for (i, (name, pem)) in cases.iter().enumerate() {
+        let ca: PathBuf = dir.path().join(format!("ca{i}.pem"));
+        std::fs::write(&ca, pem).unwrap();
+        let toml = format!("{STARTUP_CONFIG}[upstream]\nextra_ca_file = {ca:?}\n");
+        let config = dir.path().join(format!("c{i}.toml"));
+        std::fs::write(&config, &toml).unwrap();
+
+        let audit = dir.path().join("check-audit.jsonl");
+        let (code, _, err) = run_cli(
+            &["check", "--config", config.to_str().unwrap()],
+            &[
+                ("TASKGATE_UPSTREAM_TOKEN", TOKEN),
+                ("TASKGATE_AUDIT_PATH", audit.to_str().unwrap()),
+            ],
+        );
+        if code != Some(78) || !err.contains("upstream.extra_ca_file") {
+            problems.push(format!(
+                "{name}: check exited {code:?} (want 78 naming upstream.extra_ca_file): {}",
+                err.trim()
+            ));
+        }
+
+        // Bounded: a `serve` that accepts the file becomes ready, and is stopped.
+        let mut p = spawn_serve(&toml, &upstream);
+        if p.wait_ready(STEP) {
+            p.signal("TERM");
+            let _ = p.wait_exit(STEP);
+            problems.push(format!("{name}: serve started with it"));
+            continue;
+        }
+        let status = p.wait_exit(STEP);
+        let err = p.stderr_text();
+        if status.code() != Some(78) || !err.contains("upstream.extra_ca_file") {
+            problems.push(format!(
+                "{name}: serve ended with {} (want exit 78 naming upstream.extra_ca_file): {}",
+                describe(status),
+                err.trim()
+            ));
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+// ---------------------------------------------------------------------------
+// A body that trickles in past the timeout
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_trickled_body_gets_a_complete_408_not_a_reset() {
+    let vendor = vendor().await;
+    let gw = Gateway::builder(&vendor.url())
+        .toml("[limits]\nheader_read_timeout_ms = 300")
+        .start()
+        .await;
+    let head = put_head(&example_path(), "Content-Length: 60000\r\n");
+    for round in 0..5 {
+        let s = TcpStream::connect(gw.addr).await.expect("connect");
+        let (mut rd, mut wr) = s.into_split();
+        wr.write_all(head.as_bytes()).await.expect("write the head");
+        let sent = Instant::now();
+        // One byte every 20 ms, for about 3 s at most, while we read.
+        let writer = tokio::spawn(async move {
+            for _ in 0..150 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                if wr.write_all(b" ").await.is_err() {
+                    break;
+                }
+            }
+        });
+        let ex = read_back(&mut rd, Until::Responses(1), Duration::from_secs(10)).await;
+        let waited = sent.elapsed();
+        writer.abort();
+        let _ = writer.await;
+        let r = ex.responses.first().unwrap_or_else(|| {
+            panic!("round {round}: no response before the stream ended: {ex:?}")
+        });
+        assert!(
+            ex.bytes.starts_with(b"HTTP/1.1 408"),
+            "round {round}: {ex:?}"
+        );
+        assert!(
+            r.complete,
+            "round {round}: the 408 was cut short (error: {:?}): {ex:?}",
+            ex.error
+        );
+        assert_eq!(r.reason(), "request_timeout", "round {round}");
+        assert_eq!(r.json()["code"], 408, "round {round}");
+        // Near the 300 ms timeout, not once the trickle (3 s) is over.
+        assert!(
+            waited < Duration::from_millis(2_500),
+            "round {round}: the 408 took {waited:?}"
+        );
+    }
+    assert_vendor_got_nothing(&vendor, "trickled bodies");
+}
+
+// ---------------------------------------------------------------------------
+// bytes_in of a refused body
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn bytes_in_counts_a_body_that_was_refused() {
+    let vendor = vendor().await;
+    let gw = Gateway::start(&vendor.url()).await;
+    let ok = put(&gw, example_path(), EXAMPLE_BODY).await;
+    assert_eq!(ok.status, 200);
+    let line = gw.access_line(&ok.request_id()).await;
+    assert_eq!(line["bytes_in"], EXAMPLE_BODY.len(), "{line}");
+
+    let bad = put(&gw, example_path(), "{not json").await;
+    assert_eq!(bad.status, 400, "{}", bad.text());
+    assert_eq!(bad.reason(), "invalid_json");
+    let line = gw.access_line(&bad.request_id()).await;
+    assert_eq!(line["bytes_in"], 9, "{line}");
+}
