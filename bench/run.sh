@@ -21,6 +21,10 @@
 #   SKIP_BUILD [0]  1 uses the existing release binary
 #   CARGO_TARGET_DIR  where the release binary is (as cargo uses it)
 #   NGINX_ACCESS_LOG_BUFFER [""]  e.g. "buffer=64k flush=1s" (default: one write per request)
+#   BASE_BIN    another taskgate binary (e.g. an older commit's release build);
+#               the targets `base` and `base-never` run it with the `taskgate` and
+#               `taskgate-never` configs, interleaved in the same rounds, for a
+#               before/after comparison in one run
 set -euo pipefail
 shopt -u patsub_replacement 2>/dev/null || true   # `&` in a rendered value stays `&`
 
@@ -217,9 +221,9 @@ children() {
     echo "$out"
 }
 
-# start_taskgate NAME FSYNC WORKERS INDEX
+# start_taskgate NAME FSYNC WORKERS INDEX [BINARY]
 start_taskgate() {
-    local name=$1 fsync=$2 workers=$3 i=$4 dir=$workdir/$1 pid
+    local name=$1 fsync=$2 workers=$3 i=$4 dir=$workdir/$1 pid bin=${5:-$TASKGATE_BIN}
     local port=$((PORT_BASE + 10 + i)) admin=$((PORT_BASE + 20 + i))
     check_port_free "$port"
     check_port_free "$admin"
@@ -227,7 +231,7 @@ start_taskgate() {
     render "$here/taskgate.toml" "$dir/taskgate.toml" \
         "PORT=$port" "ADMIN_PORT=$admin" "UPSTREAM_PORT=$UPSTREAM_PORT" \
         "AUDIT_PATH=$dir/audit/audit.jsonl" "FSYNC=$fsync" "WORKERS=$workers"
-    TASKGATE_UPSTREAM_TOKEN=$TOKEN "$TASKGATE_BIN" serve --config "$dir/taskgate.toml" \
+    TASKGATE_UPSTREAM_TOKEN=$TOKEN "$bin" serve --config "$dir/taskgate.toml" \
         >>"$dir/access.log" 2>"$dir/stderr" &
     pid=$!
     pids+=("$pid")
@@ -401,6 +405,10 @@ main() {
     for t in $TARGETS; do
         case $t in
             direct | nginx | taskgate | taskgate-never) targets+=("$t") ;;
+            base | base-never)
+                [[ -x ${BASE_BIN:-} ]] || die "target '$t' needs BASE_BIN, an executable taskgate"
+                targets+=("$t")
+                ;;
             taskgate-w[0-9]*)
                 if [[ ${t#taskgate-w} == "$DEFAULT_WORKERS" ]]; then
                     echo "$t not run: it is the same as 'taskgate' ($DEFAULT_WORKERS worker, the default)" >>"$workdir/notes"
@@ -429,8 +437,10 @@ main() {
             taskgate) start_taskgate "$t" always "$DEFAULT_WORKERS" "$i" ;;
             taskgate-never) start_taskgate "$t" never "$DEFAULT_WORKERS" "$i" ;;
             taskgate-w*) start_taskgate "$t" always "${t#taskgate-w}" "$i" ;;
+            base) start_taskgate "$t" always "$DEFAULT_WORKERS" "$i" "$BASE_BIN" ;;
+            base-never) start_taskgate "$t" never "$DEFAULT_WORKERS" "$i" "$BASE_BIN" ;;
         esac
-        [[ $t == taskgate* ]] && log "started $t on 127.0.0.1:${PORT[$t]}"
+        [[ $t == taskgate* || $t == base* ]] && log "started $t on 127.0.0.1:${PORT[$t]}"
         i=$((i + 1))
         sanity_put "$t" "${PORT[$t]}"
     done
@@ -463,7 +473,7 @@ main() {
 
     echo "load: BENCH_USERS=${BENCH_USERS:-1024} user ids in turn (1 = one fixed path, where taskgate's per-line serialisation queues every update)" >>"$workdir/notes"
     for t in "${targets[@]}"; do
-        [[ $t == taskgate* ]] || continue
+        [[ $t == taskgate* || $t == base* ]] || continue
         metrics_note "$t" >>"$workdir/notes"
         if grep -qiE '"level":"(ERROR|WARN)"|panick' "$workdir/$t/stderr"; then
             echo "$t stderr has errors/warnings, e.g.: $(grep -iE '"level":"(ERROR|WARN)"|panick' "$workdir/$t/stderr" | head -n 1 | cut -c1-200)" >>"$workdir/notes"

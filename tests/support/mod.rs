@@ -3,6 +3,8 @@
 //! Everything waits on events (a log line, a request arriving), never on sleeps.
 #![allow(dead_code, unused_imports)]
 
+pub mod process;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
