@@ -273,8 +273,9 @@ impl Syncer<'_> {
                 }
             }
         }
-        self.last_batch = sync_waiters.len();
+        // Batches of outcomes alone say nothing about how attempts arrive.
         if !sync_waiters.is_empty() {
+            self.last_batch = sync_waiters.len();
             self.sync(sync_waiters);
         }
     }
