@@ -582,8 +582,16 @@ async fn a_full_disk_refuses_updates_and_readiness_until_space_returns() {
     let recs = records(&path);
     assert_seq_one_to_n(&recs);
     let attempts = ids_of(&recs, "attempt");
+    let outcomes = ids_of(&recs, "outcome");
     for r in accepted.iter().chain([&after]) {
         assert!(attempts.contains(r.request_id().as_str()));
+        // The full disk refused a later write; it must not take back an
+        // outcome already written and answered.
+        assert!(
+            outcomes.contains(r.request_id().as_str()),
+            "the outcome of answered update {} was lost",
+            r.request_id()
+        );
     }
     for r in [&refused, &still] {
         assert!(

@@ -683,12 +683,14 @@ impl Syncer<'_> {
         }
     }
 
-    /// A write, sync or check failed: with `always`, the file and the chain
-    /// go back to the last durable point and everything after it is refused
-    /// or dropped (nobody was told those records were durable); otherwise the
-    /// records written before stay. Everything queued meanwhile chained from
-    /// the lost records, so it goes too. Then the log is unwritable until a
-    /// re-open proves it.
+    /// A write, sync or check failed. After a failed sync (with `always`)
+    /// the file and the chain go back to the last durable point and what was
+    /// written since is dropped: nobody can say it reached the disk. After
+    /// anything else the records written before stay (an outcome answered
+    /// to its caller is not taken back because the next write hit a full
+    /// disk); only the failed batch goes. Everything queued meanwhile chained
+    /// from the lost records, so it goes too. Then the log is unwritable until
+    /// a re-open proves it.
     fn fail(
         &mut self,
         err: &io::Error,
@@ -696,9 +698,11 @@ impl Syncer<'_> {
         records: Vec<(u64, Event, bool)>,
         waiters: Vec<Waiter>,
     ) {
-        let back = match self.policy() {
-            FsyncPolicy::Always => self.synced,
-            FsyncPolicy::Interval | FsyncPolicy::Never => self.written,
+        let sync_failed = op == "fsync" && self.policy() == FsyncPolicy::Always;
+        let back = if sync_failed {
+            self.synced
+        } else {
+            self.written
         };
         if let Some(active) = &self.active
             && active.len > back.len
@@ -710,7 +714,13 @@ impl Syncer<'_> {
         self.synced = back;
         self.set_unwritable(err, op);
         let e = write_error(err);
-        let taken_back = std::mem::take(&mut self.unsynced);
+        let mut taken_back = std::mem::take(&mut self.unsynced);
+        if !sync_failed {
+            // Still in the file (written to the OS); the re-open resumes after them.
+            for (_, event, _) in taken_back.drain(..) {
+                self.shared.observer.record_written(event);
+            }
+        }
         let (queued, queued_waiters) = {
             let mut q = self.shared.lock();
             let taken = q.take_batch(&mut Vec::new());
