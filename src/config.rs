@@ -18,7 +18,7 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
 use crate::ids::parse_canonical_uuid;
-use crate::secret::Token;
+use crate::secret::{Secret, Token};
 
 /// Start-up errors: a bad config never gets as far as serving.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +65,8 @@ pub struct RawConfig {
     pub audit: RawAudit,
     pub log: RawLog,
     pub runtime: RawRuntime,
+    /// Absent: every replica keeps its own state.
+    pub shared: Option<RawShared>,
 }
 
 impl Default for RawConfig {
@@ -81,6 +83,7 @@ impl Default for RawConfig {
             audit: RawAudit::default(),
             log: RawLog::default(),
             runtime: RawRuntime::default(),
+            shared: None,
         }
     }
 }
@@ -224,6 +227,34 @@ impl Default for RawLog {
     }
 }
 
+/// `[shared]`: Redis for the state every replica must share.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawShared {
+    pub redis_url: String,
+    /// The password, read from a file (whitespace trimmed) instead of the URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    #[serde(default = "default_key_prefix")]
+    pub key_prefix: String,
+    #[serde(default = "default_shared_timeout")]
+    pub timeout_ms: u64,
+    #[serde(default = "default_shared_on_unavailable")]
+    pub on_unavailable: String,
+}
+
+fn default_key_prefix() -> String {
+    "taskgate:".into()
+}
+
+fn default_shared_timeout() -> u64 {
+    200
+}
+
+fn default_shared_on_unavailable() -> String {
+    "local".into()
+}
+
 /// Not in DESIGN.md's list: the tokio worker count, chosen by measurement
 /// (bench/README.md): one worker needs no cross-worker wake-ups, which at one
 /// connection cost ~20 µs of CPU per request, and at 32 connections it kept
@@ -256,6 +287,26 @@ pub struct Config {
     pub audit: AuditConfig,
     pub log_format: LogFormat,
     pub worker_threads: usize,
+    pub shared: Option<SharedConfig>,
+}
+
+/// `[shared]`, validated. The URL (with any password) is a [`Secret`]: the
+/// config's `Debug` and `check` never show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedConfig {
+    pub redis_url: Secret,
+    pub key_prefix: String,
+    pub timeout: Duration,
+    pub on_unavailable: SharedFallback,
+}
+
+/// What to do while Redis does not answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SharedFallback {
+    /// This process's own limiter and line locks, with the same numbers.
+    Local,
+    /// 503 `shared_state_unavailable`; nothing forwarded.
+    Reject,
 }
 
 #[derive(Debug, Clone)]
@@ -613,6 +664,7 @@ impl Config {
             audit,
             log_format,
             worker_threads: raw.runtime.worker_threads,
+            shared: raw.shared.as_ref().map(shared_config).transpose()?,
         })
     }
 
@@ -629,6 +681,9 @@ impl Config {
             shown.upstream.token_file = Some(path.clone());
         }
         shown.audit.path = self.audit.path.clone();
+        if let Some(shared) = &mut shown.shared {
+            shared.redis_url = crate::secret::redact_url_password(&shared.redis_url);
+        }
         let body =
             toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"));
         format!(
@@ -788,6 +843,113 @@ fn rate_limit_config(raw: &RawRateLimit) -> Result<RateLimitConfig, ConfigError>
         },
         global_per_second: NonZeroU32::new(raw.global_per_second),
         overrides,
+    })
+}
+
+fn shared_config(raw: &RawShared) -> Result<SharedConfig, ConfigError> {
+    let key = "shared.redis_url";
+    let mut url = url_parts(&raw.redis_url).ok_or_else(|| {
+        invalid(
+            key,
+            "must be redis://host[:port][/db], rediss://host[:port][/db] or redis+unix:///path",
+        )
+    })?;
+    if let Some(path) = &raw.password_file {
+        let password = std::fs::read_to_string(path)
+            .map_err(|e| invalid("shared.password_file", format!("{}: {e}", path.display())))?;
+        let password = password.trim();
+        if password.is_empty() {
+            return Err(invalid(
+                "shared.password_file",
+                format!("{} is empty", path.display()),
+            ));
+        }
+        if url.has_password {
+            return Err(invalid(
+                "shared.password_file",
+                "the password is in shared.redis_url already; give it in one place",
+            ));
+        }
+        url.with_password(password);
+    }
+    if raw.key_prefix.is_empty() || raw.key_prefix.contains(['{', '}', ' ']) {
+        return Err(invalid(
+            "shared.key_prefix",
+            "must be non-empty, without spaces or braces (braces are the keys' cluster hash tags)",
+        ));
+    }
+    let timeout = millis("shared.timeout_ms", raw.timeout_ms)?;
+    let on_unavailable = match raw.on_unavailable.as_str() {
+        "local" => SharedFallback::Local,
+        "reject" => SharedFallback::Reject,
+        other => {
+            return Err(invalid(
+                "shared.on_unavailable",
+                format!("`{other}` is not one of \"local\", \"reject\""),
+            ));
+        }
+    };
+    Ok(SharedConfig {
+        redis_url: Secret::new(url.text),
+        key_prefix: raw.key_prefix.clone(),
+        timeout,
+        on_unavailable,
+    })
+}
+
+/// A Redis URL checked just enough to refuse a typo at start-up (redis-rs
+/// parses it fully when connecting).
+struct RedisUrl {
+    text: String,
+    has_password: bool,
+}
+
+impl RedisUrl {
+    /// Puts `password` into the URL's userinfo (percent-encoded).
+    fn with_password(&mut self, password: &str) {
+        let encoded: String = password
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        if let Some((scheme, rest)) = self.text.split_once("://") {
+            let rest = rest.strip_prefix('@').unwrap_or(rest);
+            let (user, rest) = match rest.split_once('@') {
+                Some((user, rest)) if !user.contains('/') => (user.to_owned(), rest.to_owned()),
+                _ => (String::new(), rest.to_owned()),
+            };
+            self.text = format!("{scheme}://{user}:{encoded}@{rest}");
+            self.has_password = true;
+        }
+    }
+}
+
+fn url_parts(url: &str) -> Option<RedisUrl> {
+    let (scheme, rest) = url.split_once("://")?;
+    let host_part = match scheme {
+        "redis" | "rediss" => rest.split('/').next()?,
+        "redis+unix" | "unix" => {
+            return rest.starts_with('/').then(|| RedisUrl {
+                text: url.to_owned(),
+                has_password: url.contains("pass="),
+            });
+        }
+        _ => return None,
+    };
+    let (userinfo, host) = match host_part.rsplit_once('@') {
+        Some((u, h)) => (Some(u), h),
+        None => (None, host_part),
+    };
+    if host.is_empty() {
+        return None;
+    }
+    Some(RedisUrl {
+        text: url.to_owned(),
+        has_password: userinfo.is_some_and(|u| u.contains(':')),
     })
 }
 

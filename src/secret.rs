@@ -1,6 +1,7 @@
 //! Sensitive values: the vendor token, kept only as a ready-made header value
-//! marked sensitive, whose `Debug` and `Display` print a placeholder. A leaf:
-//! it imports nothing from the rest of the crate.
+//! marked sensitive, and other secrets (a Redis URL with its password), whose
+//! `Debug` and `Display` print a placeholder. A leaf: it imports nothing from
+//! the rest of the crate.
 
 use std::fmt;
 use std::path::Path;
@@ -89,6 +90,59 @@ impl fmt::Display for Token {
     }
 }
 
+/// A string that must not be shown: a Redis URL that may carry a password.
+/// `Debug` and `Display` print a placeholder; [`Secret::expose`] is the one
+/// way in, for the code that connects.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// A URL with its password (the userinfo after `:`) replaced, for logs.
+    pub fn redacted_url(&self) -> String {
+        redact_url_password(&self.0)
+    }
+}
+
+/// `scheme://user:password@host...` → `scheme://user:<redacted>@host...`;
+/// a `pass=` query parameter (unix-socket URLs) likewise.
+pub fn redact_url_password(url: &str) -> String {
+    let mut out = match url.split_once("://") {
+        Some((scheme, rest)) => match rest.split_once('@') {
+            Some((userinfo, host)) if !userinfo.contains('/') => match userinfo.split_once(':') {
+                Some((user, _)) => format!("{scheme}://{user}:<redacted>@{host}"),
+                None => url.to_owned(),
+            },
+            _ => url.to_owned(),
+        },
+        None => url.to_owned(),
+    };
+    if let Some(at) = out.find("pass=") {
+        let end = out[at..].find('&').map_or(out.len(), |e| at + e);
+        out.replace_range(at + 5..end, "<redacted>");
+    }
+    out
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -113,6 +167,25 @@ mod tests {
         );
         let clean = Bytes::from_static(b"{\"code\":200}");
         assert_eq!(t.redact_in(clean.clone()), clean);
+    }
+
+    #[test]
+    fn secrets_and_url_passwords_never_print() {
+        let s = Secret::new("redis://:hunter2@127.0.0.1:6379/0");
+        assert!(!format!("{s} {s:?}").contains("hunter2"));
+        assert_eq!(s.redacted_url(), "redis://:<redacted>@127.0.0.1:6379/0");
+        assert_eq!(
+            redact_url_password("rediss://app:p%40ss@r.example:6380"),
+            "rediss://app:<redacted>@r.example:6380"
+        );
+        assert_eq!(
+            redact_url_password("redis://127.0.0.1:6379"),
+            "redis://127.0.0.1:6379"
+        );
+        assert_eq!(
+            redact_url_password("redis+unix:///run/redis.sock?db=1&pass=x1&user=u"),
+            "redis+unix:///run/redis.sock?db=1&pass=<redacted>&user=u"
+        );
     }
 
     #[test]

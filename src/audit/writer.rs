@@ -72,6 +72,8 @@ pub(super) struct Queue {
     pub waiters: Vec<Waiter>,
     /// When the first caller waiting for a sync joined `waiters`.
     pub first_waiting_at: Instant,
+    /// When the first record of the current batch was pushed.
+    pub first_record_at: Instant,
     /// Said once in the next record's `note` (a new chain, a replaced file,
     /// skipped refusals).
     pub note: Option<String>,
@@ -98,6 +100,7 @@ impl Queue {
             records: Vec::new(),
             waiters: Vec::new(),
             first_waiting_at: now,
+            first_record_at: now,
             note: None,
             thread_idle: false,
             closed: false,
@@ -156,6 +159,9 @@ impl Queue {
         let start = self.batch.len();
         match encode_line(&mut self.batch, self.next_seq, &ts, rec, &self.prev) {
             Ok(hash) => {
+                if self.records.is_empty() {
+                    self.first_record_at = Instant::now();
+                }
                 let seq = self.next_seq;
                 self.next_seq += 1;
                 self.prev = hash;
