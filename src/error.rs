@@ -57,6 +57,8 @@ pub enum Error {
     Internal,
     #[error("the caller closed the connection before the update was forwarded")]
     ClientClosed,
+    #[error("the shared state (Redis) cannot be reached and shared.on_unavailable = reject; nothing was forwarded")]
+    SharedStateUnavailable,
     #[error("unauthorized")]
     Unauthorized,
     #[error("forbidden")]
@@ -78,9 +80,10 @@ impl Error {
             }
             Error::ResidueExceeded { .. } => StatusCode::CONFLICT,
             Error::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Error::ResidueUnavailable | Error::AuditUnavailable | Error::Overloaded => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Error::ResidueUnavailable
+            | Error::AuditUnavailable
+            | Error::Overloaded
+            | Error::SharedStateUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Error::UpstreamUnreachable { .. } => StatusCode::BAD_GATEWAY,
             Error::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Error::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -112,6 +115,7 @@ impl Error {
             Error::UpstreamTimeout => "upstream_timeout",
             Error::Internal => "internal_error",
             Error::ClientClosed => "client_closed",
+            Error::SharedStateUnavailable => "shared_state_unavailable",
             Error::Unauthorized => "unauthorized",
             Error::Forbidden => "forbidden",
         }
@@ -256,6 +260,11 @@ mod tests {
             (Error::UpstreamTimeout, 504, "upstream_timeout"),
             (Error::Internal, 500, "internal_error"),
             (Error::ClientClosed, 499, "client_closed"),
+            (
+                Error::SharedStateUnavailable,
+                503,
+                "shared_state_unavailable",
+            ),
             (Error::Unauthorized, 401, "unauthorized"),
             (Error::Forbidden, 403, "forbidden"),
         ];

@@ -13,6 +13,7 @@
 //! - [`pipeline`]: one PUT, stage by stage, in the order of DESIGN.md, and the state it shares.
 //! - [`router`]: the route table; the only place that knows which paths exist.
 //! - [`upstream`]: the pooled HTTPS client and the token in force.
+//! - [`shared`]: Redis for what every replica must share (buckets, line leases, line lists).
 //! - [`audit`]: the durable, hash-chained audit log, its sync thread and `verify`.
 //! - [`access_log`]: one JSON line per request on stdout, written off the request path.
 //! - [`mock_vendor`]: the vendor emulator behind `mock-upstream`, `demo` and the tests.
@@ -38,6 +39,7 @@ pub mod reload;
 pub mod router;
 pub mod secret;
 pub mod server;
+pub mod shared;
 pub mod signals;
 pub mod telemetry;
 pub mod upstream;
