@@ -6,6 +6,7 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
 
+use crate::config::SharedFallback;
 use crate::pipeline::state::State;
 
 /// Answers one admin request. Cheap and non-blocking: it reads counters and
@@ -41,21 +42,33 @@ pub fn handle(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
 fn readyz(state: &State) -> (StatusCode, &'static str, String) {
     // A token is always held once started (start-up fails without one); the
     // audit log can become unwritable at any time.
-    let checks = [
-        ("token", Ok(())),
+    // With `[shared]`, Redis down is "degraded" (still ready) under
+    // `on_unavailable = "local"` and a failure under `"reject"`.
+    let mut checks: Vec<(&str, Result<&str, &str>)> = vec![
+        ("token", Ok("ok")),
         (
             "audit",
             if state.audit.is_writable() {
-                Ok(())
+                Ok("ok")
             } else {
                 Err("not writable")
             },
         ),
     ];
+    if let Some(shared) = &state.shared {
+        checks.push((
+            "shared",
+            match (shared.is_up(), shared.fallback()) {
+                (true, _) => Ok("ok"),
+                (false, SharedFallback::Local) => Ok("degraded"),
+                (false, SharedFallback::Reject) => Err("unavailable"),
+            },
+        ));
+    }
     let failing = checks.iter().find(|(_, c)| c.is_err()).map(|(n, _)| *n);
     let listed = checks
         .iter()
-        .map(|(name, c)| format!("\"{name}\":\"{}\"", c.err().unwrap_or("ok")))
+        .map(|(name, c)| format!("\"{name}\":\"{}\"", c.unwrap_or_else(|e| e)))
         .collect::<Vec<_>>()
         .join(",");
     match failing {

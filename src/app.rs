@@ -26,6 +26,7 @@ use crate::pipeline::rate_limit::LocalLimiter;
 use crate::pipeline::residue::ResidueGate;
 use crate::pipeline::state::{Live, State};
 use crate::server::{self, ServeLimits};
+use crate::shared::{SharedSetupError, SharedState};
 use crate::signals::{Signal, Signals};
 use crate::upstream::{self, TlsSetupError, TokenSource};
 use crate::{admin, pipeline, reload};
@@ -40,6 +41,8 @@ pub enum StartError {
     },
     #[error(transparent)]
     Tls(#[from] TlsSetupError),
+    #[error(transparent)]
+    Shared(#[from] SharedSetupError),
 }
 
 /// How the gateway stopped.
@@ -90,6 +93,13 @@ impl Gateway {
             config.audit.clone(),
             Arc::new(AuditMetrics(metrics.clone())),
         );
+        // redis-rs's TLS (rediss://) asks rustls for the process default.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let shared = config
+            .shared
+            .as_ref()
+            .map(|cfg| SharedState::new(cfg, metrics.clone()).map(Arc::new))
+            .transpose()?;
         let grace = config.shutdown_grace;
         let limits = ServeLimits {
             max_connections: config.limits.max_connections,
@@ -107,6 +117,7 @@ impl Gateway {
             audit,
             metrics,
             residue: ResidueGate::default(),
+            shared: shared.clone(),
             inflight: AtomicUsize::new(0),
             requests: TaskTracker::new(),
         });
@@ -132,6 +143,10 @@ impl Gateway {
                 async move { resp }
             },
         ));
+        // Connects to Redis and watches it: marks it down and back up.
+        if let Some(shared) = shared {
+            tasks.spawn(shared.run_health(stop.clone()));
+        }
         // Evicts fully refilled rate-limit buckets so the table stays small.
         tasks.spawn(every(Duration::from_secs(5), stop.clone(), {
             let state = state.clone();

@@ -113,6 +113,9 @@ pub fn upstream_uri(cfg: &UpstreamConfig, path_and_query: &str) -> Result<Uri, E
         })
 }
 
+/// The detail of a failure before any byte of the request was sent.
+const CONNECT_FAILED: &str = "connect or TLS handshake failed";
+
 /// A forward that did not end in a complete answer. `status` is the
 /// vendor's, when its head arrived before the body failed or the time ran
 /// out: the vendor may have applied the update, and the audit says so.
@@ -120,6 +123,9 @@ pub fn upstream_uri(cfg: &UpstreamConfig, path_and_query: &str) -> Result<Uri, E
 pub struct SendError {
     pub error: Error,
     pub status: Option<StatusCode>,
+    /// False only when the request cannot have left (connect or TLS
+    /// handshake failed): then the vendor surely applied nothing.
+    pub maybe_seen: bool,
 }
 
 impl From<SendError> for Error {
@@ -161,7 +167,7 @@ pub async fn send(
                     tracing::warn!(cause = %e, connect = e.is_connect(), "upstream request failed");
                     return Err(Error::UpstreamUnreachable {
                         detail: if e.is_connect() {
-                            "connect or TLS handshake failed"
+                            CONNECT_FAILED
                         } else {
                             "connection failed before a complete response"
                         },
@@ -201,6 +207,12 @@ pub async fn send(
         Err(_) => Err(Error::UpstreamTimeout),
     };
     result.map_err(|error| SendError {
+        maybe_seen: !matches!(
+            error,
+            Error::UpstreamUnreachable {
+                detail: CONNECT_FAILED
+            }
+        ),
         error,
         status: StatusCode::from_u16(seen.load(std::sync::atomic::Ordering::Relaxed)).ok(),
     })

@@ -30,6 +30,7 @@ use crate::peer::Peer;
 use crate::router::{self, TaskRoute};
 use crate::secret::Token;
 use crate::telemetry::now_rfc3339;
+use crate::config::{Config, SharedFallback};
 use rate_limit::{Decision, RateKey};
 use residue::Verdict;
 use state::{Live, State};
@@ -47,6 +48,9 @@ pub struct Exchange {
     pub stage: Stage,
     pub upstream_ms: Option<f64>,
     pub bytes_in: u64,
+    /// `[shared]` is configured but this request used this process's limiter
+    /// or line lock because Redis did not answer (the audit `note` says so).
+    pub shared_degraded: bool,
     /// The body as read, for a `rejected` record's bounded copy.
     pub body: Option<Bytes>,
 }
@@ -125,6 +129,7 @@ async fn process(
         stage: Stage::Routing,
         upstream_ms: None,
         bytes_in: 0,
+        shared_degraded: false,
         body: None,
     };
     let method = req.method().clone();
@@ -246,9 +251,18 @@ async fn update(
     let task = task.map_err(Error::ValidationFailed)?;
     ex.sub_user_id = task.sub_user_id;
 
-    // Per-user GCRA before anything costs the vendor a call: 429.
+    // Per-user GCRA before anything costs the vendor a call: 429. With
+    // `[shared]`, one bucket per key for every replica.
     let key = RateKey::new(&live.config.rate_limit.key, route.user_id, task.sub_user_id);
-    let (limit, remaining) = match live.limiter.check(key) {
+    let (decision, source) = rate_limit::admit(
+        state.shared.as_deref(),
+        live.limiter.as_ref(),
+        &live.config.rate_limit,
+        key,
+    )
+    .await?;
+    ex.shared_degraded |= source == rate_limit::Source::LocalFallback;
+    let (limit, remaining) = match decision {
         Decision::Allowed { limit, remaining } => (limit, remaining),
         Decision::Limited {
             retry_after_secs, ..
@@ -264,37 +278,77 @@ async fn update(
     let token = state.token.get();
     let list_key = (route.user_id, task.sub_user_id);
     // A queue behind a slow vendor is bounded: past the upstream timeout the
-    // caller has most likely given up, so say so rather than wait on.
+    // caller has most likely given up, so say so rather than wait on. With
+    // `[shared]` the line is held across replicas too (a lease in Redis).
     let upstream_timeout = live.config.upstream.timeout;
-    let line = match live.config.residue.enabled {
+    let waited = Instant::now();
+    let hold = match live.config.residue.enabled {
         true => Some(
-            tokio::time::timeout(
-                upstream_timeout,
-                state.residue.lock_line(list_key, task.caller_line_id),
-            )
-            .await
-            .map_err(|_| Error::Overloaded)?,
+            state
+                .residue
+                .hold_line(
+                    state.shared.as_deref(),
+                    list_key,
+                    task.caller_line_id,
+                    lease_duration(&live.config),
+                    upstream_timeout,
+                )
+                .await?,
         ),
         // Without the rule there is no residue to keep consistent.
         false => None,
     };
+    state
+        .metrics
+        .residue_lock_wait
+        .observe(waited.elapsed().as_secs_f64());
+    ex.shared_degraded |= hold.as_ref().is_some_and(|h| h.degraded);
     let lookup = residue::Lookup {
         client: &live.client,
         upstream: &live.config.upstream,
         token: &token,
         request_id: &ex.request_id,
     };
-    let verdict = state
-        .residue
-        .check(
-            &live.config.residue,
-            lookup,
-            list_key,
-            task.caller_line_id,
-            task.maximumcall,
-            |r| state.metrics.count_lookup(r.as_str()),
-        )
-        .await?;
+    let count_lookup = |r: residue::LookupResult| state.metrics.count_lookup(r.as_str());
+    let leased = hold.as_ref().is_some_and(|h| h.lease.is_some());
+    let shared_verdict = match state.shared.as_deref() {
+        Some(shared) if leased => Some(
+            state
+                .residue
+                .check_shared(
+                    shared,
+                    &live.config.residue,
+                    lookup,
+                    list_key,
+                    task.caller_line_id,
+                    task.maximumcall,
+                    count_lookup,
+                )
+                .await,
+        ),
+        _ => None,
+    };
+    let verdict = match shared_verdict {
+        Some(Ok(verdict)) => verdict?,
+        // Redis stopped answering under the lease: this process's view.
+        Some(Err(_)) if state.shared.as_deref().is_some_and(|s| s.fallback() == SharedFallback::Reject) => {
+            return Err(Error::SharedStateUnavailable);
+        }
+        Some(Err(_)) | None => {
+            ex.shared_degraded |= shared_verdict.is_some();
+            state
+                .residue
+                .check(
+                    &live.config.residue,
+                    lookup,
+                    list_key,
+                    task.caller_line_id,
+                    task.maximumcall,
+                    count_lookup,
+                )
+                .await?
+        }
+    };
 
     // The attempt is on disk before a byte goes to the vendor: 503 if not
     // (a stalled disk included). A caller that has hung up by now gets
@@ -312,9 +366,16 @@ async fn update(
             None,
         ),
     };
+    let degraded_note = ex.shared_degraded.then_some(
+        "shared state (Redis) unavailable: this replica's own rate limit and line lock applied (shared.on_unavailable = local)",
+    );
+    let note = match (note, degraded_note) {
+        (Some(a), Some(b)) => Some(format!("{a}; {b}")),
+        (a, b) => a.or(b).map(str::to_owned),
+    };
     let attempt = Record {
         residue,
-        note: note.map(str::to_owned),
+        note,
         request: ex.request.take(),
         ..ex.record(Event::Attempt)
     };
@@ -344,7 +405,7 @@ async fn update(
         checked_list,
         caller_line: task.caller_line_id,
         maximumcall: task.maximumcall,
-        line,
+        hold,
     };
     let answer = job.run().await?;
     ex.upstream_ms = Some(ms(answer.upstream_time));
@@ -362,6 +423,21 @@ async fn update(
     h.insert("ratelimit-limit", HeaderValue::from(limit));
     h.insert("ratelimit-remaining", HeaderValue::from(remaining));
     Ok(resp)
+}
+
+/// How long a shared line lease lasts: past the holder's own deadline (a
+/// vendor read, the attempt and the forward, each bounded by the upstream
+/// timeout) with a margin, and past the cached list's TTL, so a lease kept
+/// after an unknown outcome outlives the value it protects.
+fn lease_duration(cfg: &Config) -> std::time::Duration {
+    let margin = std::time::Duration::from_secs(1);
+    (cfg.upstream.timeout * 3 + margin).max(cfg.residue.cache_ttl + margin)
+}
+
+/// How long a list's generation outlives its last bump: longer than any
+/// vendor read still in flight, so such a read cannot refill a stale list.
+fn generation_ttl(cfg: &Config) -> std::time::Duration {
+    cfg.residue.cache_ttl + cfg.upstream.timeout * 2 + std::time::Duration::from_secs(1)
 }
 
 /// Closed when the caller has hung up (its `handle` future was dropped).
@@ -382,8 +458,9 @@ struct Forward {
     checked_list: Option<Arc<residue::LineList>>,
     caller_line: Uuid,
     maximumcall: i64,
-    /// Released (by drop) only after the cache entry is settled.
-    line: Option<residue::LineGuard>,
+    /// Released only after the cached residue is settled (the lock by drop,
+    /// the shared lease by `settle_shared`).
+    hold: Option<residue::LineHold>,
 }
 
 impl Forward {
@@ -400,7 +477,7 @@ impl Forward {
             checked_list,
             caller_line,
             maximumcall,
-            line,
+            mut hold,
         } = self;
         let started = Instant::now();
         // Token, header hygiene, URI from the checked ids, timeouts, retry.
@@ -472,9 +549,34 @@ impl Forward {
         // Written (not synced) before the caller is answered, so a crash
         // after the answer does not lose it.
         state.audit.append_written(record).await;
+        // Every replica's cached residue of the line is settled before its
+        // lease goes; an unknown answer (timeout, reset) keeps the lease.
+        if let (Some(shared), Some(lease)) = (
+            state.shared.as_deref(),
+            hold.as_mut().and_then(|h| h.lease.take()),
+        ) {
+            let answer_known = match &answer {
+                Ok(_) => true,
+                Err(e) => !e.maybe_seen,
+            };
+            state
+                .residue
+                .settle_shared(
+                    shared,
+                    &live.config.residue,
+                    list_key,
+                    caller_line,
+                    lease,
+                    accepted,
+                    answer_known,
+                    maximumcall,
+                    generation_ttl(&live.config),
+                )
+                .await;
+        }
         // Only now may the next update of this line go: its attempt record
         // comes after this outcome.
-        drop(line);
+        drop(hold);
         state.metrics.observe_upstream(
             match &answer {
                 Ok(a) => a.status.as_u16(),

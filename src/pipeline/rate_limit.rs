@@ -28,7 +28,9 @@ use governor::state::keyed::{DashMapStateStore, ShrinkableKeyedStateStore};
 use governor::state::{InMemoryState, NotKeyed, StateStore};
 use uuid::Uuid;
 
-use crate::config::{Quota, RateKeyKind, RateLimitConfig};
+use crate::config::{Quota, RateKeyKind, RateLimitConfig, SharedFallback};
+use crate::error::Error;
+use crate::shared::SharedState;
 
 /// Most keys (over all quotas) tracked at once; a new key beyond it is refused.
 pub const MAX_TRACKED_KEYS: usize = 50_000;
@@ -68,6 +70,62 @@ pub enum Decision {
     Allowed { limit: u32, remaining: u32 },
     /// `Retry-After` in whole seconds, rounded up, at least 1.
     Limited { limit: u32, retry_after_secs: u64 },
+}
+
+/// Where a decision came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// This process's limiter (no `[shared]`).
+    Local,
+    /// The bucket every replica shares, in Redis.
+    Shared,
+    /// `[shared]` is configured but Redis did not answer: this process's
+    /// limiter, with the same numbers (`shared.on_unavailable = "local"`).
+    LocalFallback,
+}
+
+/// The stage: one decision for `key`, from the shared bucket when `[shared]`
+/// is configured and Redis answers, else from this process's limiter (or
+/// 503 `shared_state_unavailable` when `shared.on_unavailable = "reject"`).
+pub async fn admit(
+    shared: Option<&SharedState>,
+    local: &dyn RateLimiter,
+    cfg: &RateLimitConfig,
+    key: RateKey,
+) -> Result<(Decision, Source), Error> {
+    let Some(shared) = shared else {
+        return Ok((local.check(key), Source::Local));
+    };
+    let quota = cfg.overrides.get(&key.user).copied().unwrap_or(cfg.default);
+    let answer = shared
+        .rate(
+            key.user,
+            key.sub_user,
+            quota.burst.get(),
+            quota.per_second.get(),
+            cfg.global_per_second.map(|g| g.get()),
+        )
+        .await;
+    match answer {
+        Ok(a) if a.allowed => Ok((
+            Decision::Allowed {
+                limit: a.limit,
+                remaining: a.remaining,
+            },
+            Source::Shared,
+        )),
+        Ok(a) => Ok((
+            Decision::Limited {
+                limit: a.limit,
+                retry_after_secs: a.retry_after_secs,
+            },
+            Source::Shared,
+        )),
+        Err(_) => match shared.fallback() {
+            SharedFallback::Local => Ok((local.check(key), Source::LocalFallback)),
+            SharedFallback::Reject => Err(Error::SharedStateUnavailable),
+        },
+    }
 }
 
 /// Small interface so a shared backend (Redis) can be added later without touching the pipeline.

@@ -16,10 +16,11 @@ use serde_json::Value;
 use tokio::sync::OnceCell;
 use uuid::Uuid;
 
-use crate::config::{AfterUpdate, OnUnavailable, ResidueConfig, UpstreamConfig};
+use crate::config::{AfterUpdate, OnUnavailable, ResidueConfig, SharedFallback, UpstreamConfig};
 use crate::error::Error;
 use crate::pipeline::forward;
 use crate::secret::Token;
+use crate::shared::{Lease, LeaseOutcome, SharedState, Unavailable};
 use crate::upstream::UpstreamClient;
 
 /// Whose line list: the account, or one of its sub-accounts.
@@ -89,6 +90,9 @@ const CACHE_SWEEP_AT: usize = 10_000;
 
 pub struct ResidueGate {
     cache: Mutex<HashMap<ListKey, CacheEntry>>,
+    /// With `[shared]`: vendor reads in flight, so concurrent misses of one
+    /// list in this process make one call (the list itself lives in Redis).
+    fetching: Mutex<HashMap<ListKey, Cell>>,
     locks: Arc<Mutex<HashMap<LineKey, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
@@ -121,7 +125,20 @@ impl Drop for LineGuard {
     }
 }
 
+/// A caller line held for one update: this process's lock and, with
+/// `[shared]` while Redis answers, the lease every replica respects. The
+/// lock goes when this is dropped; the lease only through [`ResidueGate::settle_shared`]
+/// (or by running out).
+pub struct LineHold {
+    _local: LineGuard,
+    pub lease: Option<Lease>,
+    /// `[shared]` is configured but Redis did not answer: only this
+    /// process's lock holds the line.
+    pub degraded: bool,
+}
+
 /// What the stage needs from the rest of the gateway for a lookup.
+#[derive(Clone, Copy)]
 pub struct Lookup<'a> {
     pub client: &'a UpstreamClient,
     pub upstream: &'a UpstreamConfig,
@@ -133,6 +150,7 @@ impl Default for ResidueGate {
     fn default() -> Self {
         ResidueGate {
             cache: Mutex::new(HashMap::new()),
+            fetching: Mutex::new(HashMap::new()),
             locks: Arc::new(Mutex::new(HashMap::new())),
         }
     }
@@ -149,6 +167,171 @@ impl ResidueGate {
             key,
             held: Some(held),
         }
+    }
+
+    /// Holds the line: this process's lock first (so one process never
+    /// contends with itself in Redis), then the shared lease for `hold`.
+    /// Waiting for either is bounded by `wait` (then 503 `overloaded`).
+    pub async fn hold_line(
+        &self,
+        shared: Option<&SharedState>,
+        key: ListKey,
+        line: Uuid,
+        hold: std::time::Duration,
+        wait: std::time::Duration,
+    ) -> Result<LineHold, Error> {
+        let until = tokio::time::Instant::now() + wait;
+        let local = tokio::time::timeout_at(until, self.lock_line(key, line))
+            .await
+            .map_err(|_| Error::Overloaded)?;
+        let Some(shared) = shared else {
+            return Ok(LineHold {
+                _local: local,
+                lease: None,
+                degraded: false,
+            });
+        };
+        let left = until.saturating_duration_since(tokio::time::Instant::now());
+        match shared.acquire_line((key.0, key.1, line), hold, left).await {
+            Ok(LeaseOutcome::Acquired(lease)) => Ok(LineHold {
+                _local: local,
+                lease: Some(lease),
+                degraded: false,
+            }),
+            Ok(LeaseOutcome::TimedOut) => Err(Error::Overloaded),
+            Err(Unavailable) => match shared.fallback() {
+                SharedFallback::Local => Ok(LineHold {
+                    _local: local,
+                    lease: None,
+                    degraded: true,
+                }),
+                SharedFallback::Reject => Err(Error::SharedStateUnavailable),
+            },
+        }
+    }
+
+    /// The rule against the shared line-list cache (call with the lease
+    /// held): a hit reads one field from Redis; a miss reads the vendor once
+    /// per process and stores the list unless a line was invalidated since.
+    /// `Err(Unavailable)`: Redis stopped answering; the caller falls back.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn check_shared(
+        &self,
+        shared: &SharedState,
+        cfg: &ResidueConfig,
+        lookup: Lookup<'_>,
+        key: ListKey,
+        line: Uuid,
+        maximumcall: i64,
+        on_lookup: impl FnOnce(LookupResult),
+    ) -> Result<Result<Verdict, Error>, Unavailable> {
+        if !cfg.enabled {
+            return Ok(Ok(Verdict::Disabled));
+        }
+        let (cached, generation) = shared.cached_residue(key.0, key.1, line).await?;
+        let residue = match cached {
+            Some(residue) => {
+                on_lookup(LookupResult::Hit);
+                residue
+            }
+            None => {
+                let (result, fetched) = self.fetch_once(cfg, lookup, key).await;
+                on_lookup(match (&result, fetched) {
+                    (Err(_), _) => LookupResult::Error,
+                    (Ok(_), true) => LookupResult::Miss,
+                    (Ok(_), false) => LookupResult::Hit,
+                });
+                let lines = match result {
+                    Ok(lines) => lines,
+                    Err(e) => {
+                        tracing::warn!(cause = %e, user_id = %key.0, "caller line list unavailable");
+                        return Ok(match cfg.on_unavailable {
+                            OnUnavailable::Reject => Err(Error::ResidueUnavailable),
+                            OnUnavailable::Allow => Ok(Verdict::UnavailableAllowed),
+                        });
+                    }
+                };
+                if fetched {
+                    let pairs: Vec<(Uuid, i64)> = lines.iter().map(|(l, r)| (*l, *r)).collect();
+                    shared
+                        .fill_lines(key.0, key.1, &pairs, generation, cfg.cache_ttl)
+                        .await?;
+                }
+                match lines.get(&line) {
+                    Some(&residue) => residue,
+                    None => {
+                        return Ok(Err(Error::UnknownCallerLine {
+                            line: line.to_string(),
+                        }));
+                    }
+                }
+            }
+        };
+        if maximumcall > residue {
+            return Ok(Err(Error::ResidueExceeded {
+                maximumcall,
+                residue,
+                line: line.to_string(),
+            }));
+        }
+        Ok(Ok(Verdict::Checked {
+            residue,
+            list: Arc::new(LineList::from([(line, residue)])),
+        }))
+    }
+
+    /// After the update of a line held with a lease: every replica's cached
+    /// residue of that line is settled (lowered by an accepted update with
+    /// `after_update = "decrement"`, else forgotten) before the lease is
+    /// released. When the vendor's answer is unknown, or the settle itself
+    /// failed, the lease is kept: it outlives the cached list, so the next
+    /// update of the line reads the vendor again.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn settle_shared(
+        &self,
+        shared: &SharedState,
+        cfg: &ResidueConfig,
+        key: ListKey,
+        line: Uuid,
+        lease: Lease,
+        accepted: bool,
+        answer_known: bool,
+        maximumcall: i64,
+        gen_ttl: std::time::Duration,
+    ) {
+        self.invalidate(key, line);
+        let decrement =
+            (accepted && cfg.after_update == AfterUpdate::Decrement).then_some(maximumcall);
+        let settled = shared
+            .settle_line(key.0, key.1, line, decrement, gen_ttl)
+            .await
+            .is_ok();
+        if settled && answer_known {
+            shared.release_line(lease).await;
+        }
+    }
+
+    /// One vendor read per list at a time in this process (shared mode).
+    async fn fetch_once(
+        &self,
+        cfg: &ResidueConfig,
+        lookup: Lookup<'_>,
+        key: ListKey,
+    ) -> (Result<Arc<LineList>, LookupError>, bool) {
+        let cell = lock(&self.fetching).entry(key).or_default().clone();
+        let mut fetched = false;
+        let result = cell
+            .get_or_init(|| {
+                fetched = true;
+                fetch(cfg, lookup, key)
+            })
+            .await
+            .clone();
+        let mut fetching = lock(&self.fetching);
+        if fetching.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+            fetching.remove(&key);
+        }
+        (result, fetched)
     }
 
     /// Applies the rule to one update. Call with the line's guard held.

@@ -13,6 +13,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::pipeline::rate_limit::RateLimiter;
 use crate::pipeline::residue::ResidueGate;
+use crate::shared::SharedState;
 use crate::upstream::{TokenSource, UpstreamClient};
 
 /// What a config reload may change, swapped as one piece so a request sees
@@ -31,6 +32,8 @@ pub struct State {
     pub audit: AuditLog,
     pub metrics: Arc<Metrics>,
     pub residue: ResidueGate,
+    /// `[shared]`: the state every replica shares (a restart applies changes).
+    pub shared: Option<Arc<SharedState>>,
     /// Requests being handled, against `limits.max_inflight`.
     pub inflight: AtomicUsize,
     /// Every request runs in a task of its own (a caller that hangs up must
