@@ -12,7 +12,9 @@
 # Environment (defaults in brackets):
 #   ROUNDS [3]  DURATION [10s]  WARMUP [1s]  CONNS ["32 1"]  WRK_THREADS [1]
 #   TARGETS     ["direct nginx taskgate taskgate-never taskgate-w1 taskgate-w2"];
-#               taskgate-w1 is skipped (it is `taskgate`: one worker is the default)
+#               taskgate-w1 is skipped (it is `taskgate`: one worker is the default);
+#               taskgate-shared is `taskgate` with [shared] on a loopback
+#               redis-server this script starts (port PORT_BASE+9)
 #   PORT_BASE [18480]: upstream +0, nginx +1, taskgate variants +10.., admin +20..
 #   UPSTREAM_PORT, NGINX_PORT   override single ports
 #   BENCH_TMPDIR [$TMPDIR or /tmp]: where the work dir (and the audit log) goes;
@@ -107,6 +109,9 @@ install_tools() {
     command -v wrk >/dev/null || missing+=(wrk)
     command -v python3 >/dev/null || missing+=(python3)
     command -v curl >/dev/null || missing+=(curl)
+    if [[ " $TARGETS " == *" taskgate-shared "* ]]; then
+        command -v redis-server >/dev/null || missing+=(redis-server)
+    fi
     [[ ${#missing[@]} -eq 0 ]] && return
     log "installing from Debian packages: ${missing[*]}"
     command -v apt-get >/dev/null || die "apt-get not found; install ${missing[*]} yourself"
@@ -221,9 +226,22 @@ children() {
     echo "$out"
 }
 
-# start_taskgate NAME FSYNC WORKERS INDEX [BINARY]
+# start_redis: a private, non-persistent redis-server for taskgate-shared.
+start_redis() {
+    local port=$((PORT_BASE + 9)) dir=$workdir/redis pid
+    check_port_free "$port"
+    mkdir -p "$dir"
+    redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no --dir "$dir" \
+        >"$dir/log" 2>&1 &
+    pid=$!
+    pids+=("$pid")
+    wait_port "$port" "$pid" redis
+    REDIS_PORT=$port
+}
+
+# start_taskgate NAME FSYNC WORKERS INDEX [BINARY] [EXTRA_TOML]
 start_taskgate() {
-    local name=$1 fsync=$2 workers=$3 i=$4 dir=$workdir/$1 pid bin=${5:-$TASKGATE_BIN}
+    local name=$1 fsync=$2 workers=$3 i=$4 dir=$workdir/$1 pid bin=${5:-$TASKGATE_BIN} extra=${6:-}
     local port=$((PORT_BASE + 10 + i)) admin=$((PORT_BASE + 20 + i))
     check_port_free "$port"
     check_port_free "$admin"
@@ -231,6 +249,7 @@ start_taskgate() {
     render "$here/taskgate.toml" "$dir/taskgate.toml" \
         "PORT=$port" "ADMIN_PORT=$admin" "UPSTREAM_PORT=$UPSTREAM_PORT" \
         "AUDIT_PATH=$dir/audit/audit.jsonl" "FSYNC=$fsync" "WORKERS=$workers"
+    [[ -n $extra ]] && printf '%s\n' "$extra" >>"$dir/taskgate.toml"
     TASKGATE_UPSTREAM_TOKEN=$TOKEN "$bin" serve --config "$dir/taskgate.toml" \
         >>"$dir/access.log" 2>"$dir/stderr" &
     pid=$!
@@ -409,6 +428,7 @@ main() {
                 [[ -x ${BASE_BIN:-} ]] || die "target '$t' needs BASE_BIN, an executable taskgate"
                 targets+=("$t")
                 ;;
+            taskgate-shared) targets+=("$t") ;;
             taskgate-w[0-9]*)
                 if [[ ${t#taskgate-w} == "$DEFAULT_WORKERS" ]]; then
                     echo "$t not run: it is the same as 'taskgate' ($DEFAULT_WORKERS worker, the default)" >>"$workdir/notes"
@@ -439,6 +459,11 @@ main() {
             taskgate-w*) start_taskgate "$t" always "${t#taskgate-w}" "$i" ;;
             base) start_taskgate "$t" always "$DEFAULT_WORKERS" "$i" "$BASE_BIN" ;;
             base-never) start_taskgate "$t" never "$DEFAULT_WORKERS" "$i" "$BASE_BIN" ;;
+            taskgate-shared)
+                [[ -n ${REDIS_PORT:-} ]] || start_redis
+                start_taskgate "$t" always "$DEFAULT_WORKERS" "$i" "$TASKGATE_BIN" \
+                    "$(printf '[shared]\nredis_url = "redis://127.0.0.1:%s/0"' "$REDIS_PORT")"
+                ;;
         esac
         [[ $t == taskgate* || $t == base* ]] && log "started $t on 127.0.0.1:${PORT[$t]}"
         i=$((i + 1))
