@@ -100,6 +100,9 @@ impl Gateway {
             .as_ref()
             .map(|cfg| SharedState::new(cfg, metrics.clone()).map(Arc::new))
             .transpose()?;
+        if let Some(shared) = &shared {
+            shared.connect_now().await;
+        }
         let grace = config.shutdown_grace;
         let limits = ServeLimits {
             max_connections: config.limits.max_connections,

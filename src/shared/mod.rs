@@ -87,6 +87,8 @@ pub struct SharedState {
     stale: AtomicBool,
     /// Wakes the health task when a call fails.
     failed: Notify,
+    /// The current outage has been logged (once per outage).
+    down_logged: AtomicBool,
     metrics: Arc<Metrics>,
     gcra: Script,
     release: Script,
@@ -135,6 +137,7 @@ impl SharedState {
             up: AtomicBool::new(false),
             stale: AtomicBool::new(false),
             failed: Notify::new(),
+            down_logged: AtomicBool::new(false),
             metrics,
             gcra: Script::new(scripts::GCRA),
             release: Script::new(scripts::RELEASE),
@@ -150,6 +153,13 @@ impl SharedState {
 
     pub fn fallback(&self) -> SharedFallback {
         self.fallback
+    }
+
+    /// The first connection, made before the gateway reports ready (bounded
+    /// by twice `shared.timeout_ms`): updates right after start-up find the
+    /// shared state up, or, if Redis is down, the fallback in place and said.
+    pub async fn connect_now(&self) {
+        self.check().await;
     }
 
     /// Connects, and reconnects after failures, until `stop`: pings every
@@ -205,8 +215,9 @@ impl SharedState {
         match ping {
             Ok(Ok(_)) => {
                 if !self.up.swap(true, Ordering::AcqRel) {
-                    tracing::info!("shared state (Redis) answers: limits and line leases are shared again");
+                    tracing::info!("shared state (Redis) answers: limits and line leases are shared");
                 }
+                self.down_logged.store(false, Ordering::Release);
                 self.metrics.shared_up.set(1);
             }
             Ok(Err(e)) => self.mark_down("ping", &e.to_string()),
@@ -218,7 +229,8 @@ impl SharedState {
     }
 
     fn mark_down(&self, op: &'static str, cause: &str) {
-        if self.up.swap(false, Ordering::AcqRel) || self.metrics.shared_up.get() != 0 {
+        self.up.store(false, Ordering::Release);
+        if !self.down_logged.swap(true, Ordering::AcqRel) {
             tracing::error!(
                 op,
                 cause,
