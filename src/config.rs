@@ -874,7 +874,10 @@ fn shared_config(raw: &RawShared) -> Result<SharedConfig, ConfigError> {
     }
     // redis-rs parses it the way it will when connecting (nothing connects here).
     if let Err(e) = redis::IntoConnectionInfo::into_connection_info(url.text.as_str()) {
-        return Err(invalid(key, crate::secret::redact_url_password(&e.to_string())));
+        return Err(invalid(
+            key,
+            crate::secret::redact_url_password(&e.to_string()),
+        ));
     }
     if raw.key_prefix.is_empty() || raw.key_prefix.contains(['{', '}', ' ']) {
         return Err(invalid(

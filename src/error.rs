@@ -57,7 +57,9 @@ pub enum Error {
     Internal,
     #[error("the caller closed the connection before the update was forwarded")]
     ClientClosed,
-    #[error("the shared state (Redis) cannot be reached and shared.on_unavailable = reject; nothing was forwarded")]
+    #[error(
+        "the shared state (Redis) cannot be reached and shared.on_unavailable = reject; nothing was forwarded"
+    )]
     SharedStateUnavailable,
     #[error("unauthorized")]
     Unauthorized,

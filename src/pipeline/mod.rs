@@ -23,6 +23,7 @@ use uuid::Uuid;
 
 use crate::access_log::AccessLine;
 use crate::audit::{Event, Record, bounded_request};
+use crate::config::Config;
 use crate::error::Error;
 use crate::ids;
 use crate::metrics::RequestLabels;
@@ -30,7 +31,6 @@ use crate::peer::Peer;
 use crate::router::{self, TaskRoute};
 use crate::secret::Token;
 use crate::telemetry::now_rfc3339;
-use crate::config::{Config, SharedFallback};
 use rate_limit::{Decision, RateKey};
 use residue::Verdict;
 use state::{Live, State};
@@ -280,75 +280,35 @@ async fn update(
     // A queue behind a slow vendor is bounded: past the upstream timeout the
     // caller has most likely given up, so say so rather than wait on. With
     // `[shared]` the line is held across replicas too (a lease in Redis).
-    let upstream_timeout = live.config.upstream.timeout;
-    let waited = Instant::now();
-    let hold = match live.config.residue.enabled {
-        true => Some(
-            state
-                .residue
-                .hold_line(
-                    state.shared.as_deref(),
-                    list_key,
-                    task.caller_line_id,
-                    lease_duration(&live.config),
-                    upstream_timeout,
-                )
-                .await?,
-        ),
-        // Without the rule there is no residue to keep consistent.
-        false => None,
-    };
-    state
-        .metrics
-        .residue_lock_wait
-        .observe(waited.elapsed().as_secs_f64());
-    ex.shared_degraded |= hold.as_ref().is_some_and(|h| h.degraded);
     let lookup = residue::Lookup {
         client: &live.client,
         upstream: &live.config.upstream,
         token: &token,
         request_id: &ex.request_id,
     };
-    let count_lookup = |r: residue::LookupResult| state.metrics.count_lookup(r.as_str());
-    let leased = hold.as_ref().is_some_and(|h| h.lease.is_some());
-    let shared_verdict = match state.shared.as_deref() {
-        Some(shared) if leased => Some(
-            state
-                .residue
-                .check_shared(
-                    shared,
-                    &live.config.residue,
-                    lookup,
-                    list_key,
-                    task.caller_line_id,
-                    task.maximumcall,
-                    count_lookup,
-                )
-                .await,
-        ),
-        _ => None,
-    };
-    let verdict = match shared_verdict {
-        Some(Ok(verdict)) => verdict?,
-        // Redis stopped answering under the lease: this process's view.
-        Some(Err(_)) if state.shared.as_deref().is_some_and(|s| s.fallback() == SharedFallback::Reject) => {
-            return Err(Error::SharedStateUnavailable);
-        }
-        Some(Err(_)) | None => {
-            ex.shared_degraded |= shared_verdict.is_some();
-            state
-                .residue
-                .check(
-                    &live.config.residue,
-                    lookup,
-                    list_key,
-                    task.caller_line_id,
-                    task.maximumcall,
-                    count_lookup,
-                )
-                .await?
-        }
-    };
+    let residue::Admitted {
+        hold,
+        verdict,
+        degraded,
+    } = state
+        .residue
+        .admit(
+            state.shared.as_deref(),
+            &live.config.residue,
+            lookup,
+            (list_key, task.caller_line_id, task.maximumcall),
+            lease_duration(&live.config),
+            live.config.upstream.timeout,
+            |waited| {
+                state
+                    .metrics
+                    .residue_lock_wait
+                    .observe(waited.as_secs_f64())
+            },
+            |r| state.metrics.count_lookup(r.as_str()),
+        )
+        .await?;
+    ex.shared_degraded |= degraded;
 
     // The attempt is on disk before a byte goes to the vendor: 503 if not
     // (a stalled disk included). A caller that has hung up by now gets
@@ -379,6 +339,7 @@ async fn update(
         request: ex.request.take(),
         ..ex.record(Event::Attempt)
     };
+    let upstream_timeout = live.config.upstream.timeout;
     match tokio::time::timeout(upstream_timeout, state.audit.append_durable(attempt)).await {
         Ok(Ok(_seq)) => {}
         Ok(Err(e)) => {

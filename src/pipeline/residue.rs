@@ -137,6 +137,14 @@ pub struct LineHold {
     pub degraded: bool,
 }
 
+/// An update the rule admitted: the line held until its outcome is
+/// settled, how it was checked, and whether the shared state was missing.
+pub struct Admitted {
+    pub hold: Option<LineHold>,
+    pub verdict: Verdict,
+    pub degraded: bool,
+}
+
 /// What the stage needs from the rest of the gateway for a lookup.
 #[derive(Clone, Copy)]
 pub struct Lookup<'a> {
@@ -169,10 +177,68 @@ impl ResidueGate {
         }
     }
 
+    /// The stage: holds the line (this process's lock, then the shared lease)
+    /// and applies the rule against the shared cache while Redis answers, else
+    /// against this process's (or refuses, per `shared.on_unavailable`).
+    /// `on_wait` is told how long the line was waited for.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn admit(
+        &self,
+        shared: Option<&SharedState>,
+        cfg: &ResidueConfig,
+        lookup: Lookup<'_>,
+        (key, line, maximumcall): (ListKey, Uuid, i64),
+        lease_for: std::time::Duration,
+        wait: std::time::Duration,
+        on_wait: impl FnOnce(std::time::Duration),
+        on_lookup: impl Fn(LookupResult),
+    ) -> Result<Admitted, Error> {
+        if !cfg.enabled {
+            // Without the rule there is no residue to keep consistent.
+            return Ok(Admitted {
+                hold: None,
+                verdict: Verdict::Disabled,
+                degraded: false,
+            });
+        }
+        let started = Instant::now();
+        let hold = self.hold_line(shared, key, line, lease_for, wait).await?;
+        on_wait(started.elapsed());
+        let mut degraded = hold.degraded;
+        let verdict = match shared {
+            Some(shared) if hold.lease.is_some() => {
+                match self
+                    .check_shared(shared, cfg, lookup, key, line, maximumcall, &on_lookup)
+                    .await
+                {
+                    Ok(verdict) => verdict?,
+                    // Redis stopped answering under the lease.
+                    Err(Unavailable) => match shared.fallback() {
+                        SharedFallback::Reject => return Err(Error::SharedStateUnavailable),
+                        SharedFallback::Local => {
+                            degraded = true;
+                            self.check(cfg, lookup, key, line, maximumcall, &on_lookup)
+                                .await?
+                        }
+                    },
+                }
+            }
+            _ => {
+                self.check(cfg, lookup, key, line, maximumcall, &on_lookup)
+                    .await?
+            }
+        };
+        Ok(Admitted {
+            hold: Some(hold),
+            verdict,
+            degraded,
+        })
+    }
+
     /// Holds the line: this process's lock first (so one process never
     /// contends with itself in Redis), then the shared lease for `hold`.
     /// Waiting for either is bounded by `wait` (then 503 `overloaded`).
-    pub async fn hold_line(
+    async fn hold_line(
         &self,
         shared: Option<&SharedState>,
         key: ListKey,
@@ -215,7 +281,7 @@ impl ResidueGate {
     /// per process and stores the list unless a line was invalidated since.
     /// `Err(Unavailable)`: Redis stopped answering; the caller falls back.
     #[allow(clippy::too_many_arguments)]
-    pub async fn check_shared(
+    async fn check_shared(
         &self,
         shared: &SharedState,
         cfg: &ResidueConfig,
@@ -223,7 +289,7 @@ impl ResidueGate {
         key: ListKey,
         line: Uuid,
         maximumcall: i64,
-        on_lookup: impl FnOnce(LookupResult),
+        on_lookup: impl Fn(LookupResult),
     ) -> Result<Result<Verdict, Error>, Unavailable> {
         if !cfg.enabled {
             return Ok(Ok(Verdict::Disabled));

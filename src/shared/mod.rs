@@ -211,11 +211,17 @@ impl SharedState {
             }
         };
         let mut c = (*conn).clone();
-        let ping = tokio::time::timeout(self.timeout, redis::cmd("PING").query_async::<String>(&mut c)).await;
+        let ping = tokio::time::timeout(
+            self.timeout,
+            redis::cmd("PING").query_async::<String>(&mut c),
+        )
+        .await;
         match ping {
             Ok(Ok(_)) => {
                 if !self.up.swap(true, Ordering::AcqRel) {
-                    tracing::info!("shared state (Redis) answers: limits and line leases are shared");
+                    tracing::info!(
+                        "shared state (Redis) answers: limits and line leases are shared"
+                    );
                 }
                 self.down_logged.store(false, Ordering::Release);
                 self.metrics.shared_up.set(1);
@@ -352,10 +358,11 @@ impl SharedState {
         }
         // Contended: listen for the release before looking again, so one
         // published between our look and our wait is not missed.
-        let mut pubsub = match tokio::time::timeout(self.timeout, self.client.get_async_pubsub()).await {
-            Ok(Ok(p)) => Some(p),
-            _ => None,
-        };
+        let mut pubsub =
+            match tokio::time::timeout(self.timeout, self.client.get_async_pubsub()).await {
+                Ok(Ok(p)) => Some(p),
+                _ => None,
+            };
         if let Some(p) = pubsub.as_mut()
             && tokio::time::timeout(self.timeout, p.subscribe(&channel))
                 .await
@@ -385,7 +392,11 @@ impl SharedState {
             match pubsub.as_mut() {
                 Some(p) => {
                     let mut messages = p.on_message();
-                    let _ = tokio::time::timeout_at(until, futures_util::StreamExt::next(&mut messages)).await;
+                    let _ = tokio::time::timeout_at(
+                        until,
+                        futures_util::StreamExt::next(&mut messages),
+                    )
+                    .await;
                 }
                 None => tokio::time::sleep_until(until).await,
             }
@@ -469,7 +480,9 @@ impl SharedState {
     ) -> Result<(), Unavailable> {
         let list = self.user_key(user, "lines", sub);
         let gen_key = self.user_key(user, "gen", sub);
-        let ttl_ms = u64::try_from(gen_ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let ttl_ms = u64::try_from(gen_ttl.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
         let _: i64 = self
             .call("lines_settle", |mut c| async move {
                 self.settle
