@@ -864,7 +864,10 @@ async fn a_refused_update_lets_the_line_go_at_once() {
     }
 
     // The line list could not be read (vendor hiccup): 503, nothing sent;
-    // once the vendor answers again the line is free.
+    // once the vendor answers again the line is free. A user whose list is
+    // not cached yet (the first user's other lines still are: an update
+    // invalidates only its own line).
+    let user = random_uuid();
     vendor.set_init_fault(Fault::Status(500));
     let resp = put(&a, task_of(&user), body_with(1, EXAMPLE_LINE)).await;
     assert_eq!(resp.reason(), "residue_unavailable", "{}", resp.text());

@@ -272,6 +272,8 @@ async fn update(
         }
     };
 
+    let uri = forward::task_uri(&live.config.upstream, &route)?;
+
     // Residue rule: one update per (user, sub-user, line) at a time from here
     // until the vendor has answered, checked against a list no older than
     // the cache TTL and never older than the last admitted update: 409/422/503.
@@ -312,45 +314,17 @@ async fn update(
 
     // The attempt is on disk before a byte goes to the vendor: 503 if not
     // (a stalled disk included). A caller that has hung up by now gets
-    // nothing forwarded.
-    let uri = forward::task_uri(&live.config.upstream, &route)?;
-    if caller_gone.try_recv() == Err(TryRecvError::Closed) {
-        return Err(Error::ClientClosed);
-    }
-    let (residue, note, checked_list) = match verdict {
-        Verdict::Checked { residue, list } => (Some(residue), None, Some(list)),
-        Verdict::Disabled => (None, Some("residue rule disabled"), None),
-        Verdict::UnavailableAllowed => (
-            None,
-            Some("caller line list unavailable; forwarded by residue.on_unavailable = allow"),
-            None,
-        ),
-    };
-    let degraded_note = ex.shared_degraded.then_some(
-        "shared state (Redis) unavailable: this replica's own rate limit and line lock applied (shared.on_unavailable = local)",
-    );
-    let note = match (note, degraded_note) {
-        (Some(a), Some(b)) => Some(format!("{a}; {b}")),
-        (a, b) => a.or(b).map(str::to_owned),
-    };
-    let attempt = Record {
-        residue,
-        note,
-        request: ex.request.take(),
-        ..ex.record(Event::Attempt)
-    };
-    let upstream_timeout = live.config.upstream.timeout;
-    match tokio::time::timeout(upstream_timeout, state.audit.append_durable(attempt)).await {
-        Ok(Ok(_seq)) => {}
-        Ok(Err(e)) => {
-            tracing::error!(cause = %e, request_id = %ex.request_id, "audit attempt not durable; refusing");
-            return Err(Error::AuditUnavailable);
+    // nothing forwarded. Either way the line is let go at once.
+    let checked_list = match durable_attempt(state, live, ex, verdict, &mut caller_gone).await {
+        Ok(list) => list,
+        Err(refusal) => {
+            state
+                .residue
+                .release_unused(state.shared.as_deref(), hold)
+                .await;
+            return Err(refusal);
         }
-        Err(_) => {
-            tracing::error!(request_id = %ex.request_id, "audit attempt not durable in time; refusing");
-            return Err(Error::AuditUnavailable);
-        }
-    }
+    };
     ex.stage = Stage::Attempted;
 
     // From here the vendor may see the update.
@@ -384,6 +358,59 @@ async fn update(
     h.insert("ratelimit-limit", HeaderValue::from(limit));
     h.insert("ratelimit-remaining", HeaderValue::from(remaining));
     Ok(resp)
+}
+
+/// Writes the `attempt` record and waits until it is durable (per
+/// `audit.fsync`), unless the caller has hung up; returns the line list the
+/// update was checked against.
+async fn durable_attempt(
+    state: &State,
+    live: &Live,
+    ex: &mut Exchange,
+    verdict: Verdict,
+    caller_gone: &mut CallerGone,
+) -> Result<Option<Arc<residue::LineList>>, Error> {
+    if caller_gone.try_recv() == Err(TryRecvError::Closed) {
+        return Err(Error::ClientClosed);
+    }
+    let (residue, note, checked_list) = match verdict {
+        Verdict::Checked { residue, list } => (Some(residue), None, Some(list)),
+        Verdict::Disabled => (None, Some("residue rule disabled"), None),
+        Verdict::UnavailableAllowed => (
+            None,
+            Some("caller line list unavailable; forwarded by residue.on_unavailable = allow"),
+            None,
+        ),
+    };
+    let degraded_note = ex.shared_degraded.then_some(
+        "shared state (Redis) unavailable: this replica's own rate limit and line lock applied (shared.on_unavailable = local)",
+    );
+    let note = match (note, degraded_note) {
+        (Some(a), Some(b)) => Some(format!("{a}; {b}")),
+        (a, b) => a.or(b).map(str::to_owned),
+    };
+    let attempt = Record {
+        residue,
+        note,
+        request: ex.request.take(),
+        ..ex.record(Event::Attempt)
+    };
+    match tokio::time::timeout(
+        live.config.upstream.timeout,
+        state.audit.append_durable(attempt),
+    )
+    .await
+    {
+        Ok(Ok(_seq)) => Ok(checked_list),
+        Ok(Err(e)) => {
+            tracing::error!(cause = %e, request_id = %ex.request_id, "audit attempt not durable; refusing");
+            Err(Error::AuditUnavailable)
+        }
+        Err(_) => {
+            tracing::error!(request_id = %ex.request_id, "audit attempt not durable in time; refusing");
+            Err(Error::AuditUnavailable)
+        }
+    }
 }
 
 /// How long a shared line lease lasts: past the holder's own deadline (a

@@ -211,7 +211,12 @@ impl ResidueGate {
                     .check_shared(shared, cfg, lookup, key, line, maximumcall, &on_lookup)
                     .await
                 {
-                    Ok(verdict) => verdict?,
+                    Ok(Ok(verdict)) => verdict,
+                    // Refused: nothing will be sent, so the line goes at once.
+                    Ok(Err(refusal)) => {
+                        self.release_unused(Some(shared), Some(hold)).await;
+                        return Err(refusal);
+                    }
                     // Redis stopped answering under the lease.
                     Err(Unavailable) => match shared.fallback() {
                         SharedFallback::Reject => return Err(Error::SharedStateUnavailable),
@@ -373,6 +378,14 @@ impl ResidueGate {
             .await
             .is_ok();
         if settled && answer_known {
+            shared.release_line(lease).await;
+        }
+    }
+
+    /// Lets go of a line held for an update that was refused before anything
+    /// was sent (the cache was not touched, so there is nothing to settle).
+    pub async fn release_unused(&self, shared: Option<&SharedState>, hold: Option<LineHold>) {
+        if let (Some(shared), Some(lease)) = (shared, hold.and_then(|mut h| h.lease.take())) {
             shared.release_line(lease).await;
         }
     }

@@ -121,9 +121,11 @@ impl SharedState {
                 .set_keepalive(keepalive),
         );
         let client = redis::Client::open(info).map_err(|e| SharedSetupError(e.to_string()))?;
+        // redis-rs's own response timeout sits above ours, so a silent
+        // connection is always found by `call`'s timer, which replaces it.
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(cfg.timeout))
-            .set_response_timeout(Some(cfg.timeout))
+            .set_response_timeout(Some(cfg.timeout * 2))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
         metrics.shared_up.set(0);
@@ -226,8 +228,8 @@ impl SharedState {
                 self.down_logged.store(false, Ordering::Release);
                 self.metrics.shared_up.set(1);
             }
-            Ok(Err(e)) => self.mark_down("ping", &e.to_string()),
-            Err(_) => {
+            Ok(Err(e)) if !e.is_timeout() => self.mark_down("ping", &e.to_string()),
+            Ok(Err(_)) | Err(_) => {
                 self.stale.store(true, Ordering::Release);
                 self.mark_down("ping", "timed out");
             }
@@ -269,12 +271,12 @@ impl SharedState {
                 self.metrics.count_shared(op, "ok");
                 Ok(v)
             }
-            Ok(Err(e)) => {
+            Ok(Err(e)) if !e.is_timeout() => {
                 self.metrics.count_shared(op, "error");
                 self.mark_down(op, &e.to_string());
                 Err(Unavailable)
             }
-            Err(_) => {
+            Ok(Err(_)) | Err(_) => {
                 self.metrics.count_shared(op, "timeout");
                 self.stale.store(true, Ordering::Release);
                 self.mark_down(op, "no answer within shared.timeout_ms");
