@@ -1088,6 +1088,62 @@ mod tests {
     }
 
     #[test]
+    fn shared_section_is_checked_and_its_password_redacted() {
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("pw");
+        std::fs::write(&pw, "s3cr3t/pw\n").unwrap();
+        let text = format!(
+            "[shared]\nredis_url = \"redis://10.0.0.9:6379/2\"\npassword_file = {:?}\non_unavailable = \"reject\"\n",
+            pw.display().to_string()
+        );
+        let raw = RawConfig::parse(&text).unwrap();
+        let c = Config::from_raw(raw.clone(), env_with_token).unwrap();
+        let shared = c.shared.as_ref().unwrap();
+        assert_eq!(
+            shared.redis_url.expose(),
+            "redis://:s3cr3t%2Fpw@10.0.0.9:6379/2"
+        );
+        assert_eq!(shared.on_unavailable, SharedFallback::Reject);
+        assert_eq!(shared.timeout, Duration::from_millis(200));
+        assert_eq!(shared.key_prefix, "taskgate:");
+        assert!(!format!("{c:?}").contains("s3cr3t"));
+
+        let raw = RawConfig::parse("[shared]\nredis_url = \"redis://:hunter2@127.0.0.1:6379\"\n")
+            .unwrap();
+        let c = Config::from_raw(raw.clone(), env_with_token).unwrap();
+        let shown = c.to_redacted_toml(&raw);
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(
+            shown.contains("redis://:<redacted>@127.0.0.1:6379"),
+            "{shown}"
+        );
+
+        for (bad, key) in [
+            ("[shared]\nredis_url = \"http://x\"\n", "shared.redis_url"),
+            ("[shared]\nredis_url = \"redis://\"\n", "shared.redis_url"),
+            (
+                "[shared]\nredis_url = \"redis://x\"\non_unavailable = \"maybe\"\n",
+                "shared.on_unavailable",
+            ),
+            (
+                "[shared]\nredis_url = \"redis://x\"\ntimeout_ms = 0\n",
+                "shared.timeout_ms",
+            ),
+            (
+                "[shared]\nredis_url = \"redis://x\"\nkey_prefix = \"a{b}\"\n",
+                "shared.key_prefix",
+            ),
+        ] {
+            let raw = RawConfig::parse(bad).unwrap();
+            let err = Config::from_raw(raw, env_with_token)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{bad}: {err}");
+        }
+        assert!(RawConfig::parse("[shared]\nredis_ur = \"redis://x\"\n").is_err());
+    }
+
+    #[test]
     fn shipped_example_config_parses() {
         let text = include_str!("../config/taskgate.toml");
         let raw = RawConfig::parse(text).unwrap();
