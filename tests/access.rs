@@ -600,3 +600,52 @@ async fn dry_runs_count_against_the_rate_limit() {
     assert!(real.headers.contains_key("retry-after"));
     assert!(vendor.updates().is_empty());
 }
+
+#[tokio::test]
+async fn a_silent_client_on_the_socket_is_closed_after_the_header_timeout() {
+    use tokio::io::AsyncReadExt;
+    let vendor = vendor().await;
+    let sock_dir = tempfile::tempdir().unwrap();
+    let sock = sock_dir.path().join("taskgate.sock");
+    let _gw = Gateway::builder(&vendor.url())
+        .env("TASKGATE_LISTEN", &format!("unix:{}", sock.display()))
+        .toml("[limits]\nheader_read_timeout_ms = 300")
+        .start()
+        .await;
+    let mut silent = UnixStream::connect(&sock).await.unwrap();
+    let mut buf = [0u8; 64];
+    let started = std::time::Instant::now();
+    // Well below the default header timeout (5 s): the configured one applies.
+    let closed = tokio::time::timeout(Duration::from_secs(3), silent.read(&mut buf))
+        .await
+        .expect("closed within 3 s");
+    assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+    assert!(started.elapsed() >= Duration::from_millis(250));
+}
+
+#[test]
+fn check_refuses_bad_caller_keys_and_users_with_78() {
+    let dir = tempfile::tempdir().unwrap();
+    for (toml, key) in [
+        (
+            "[[access.callers]]\nname = \"billing\"\nkey_sha256 = \"9f86d081\"\n",
+            "access.callers.key_sha256",
+        ),
+        (
+            &format!(
+                "[[access.callers]]\nname = \"billing\"\nkey_sha256 = \"{}\"\nusers = [\"42\"]\n",
+                KeyDigest::of(BILLING_KEY).to_hex()
+            ),
+            "access.callers.users",
+        ),
+    ] {
+        let cfg = dir.path().join("c.toml");
+        std::fs::write(&cfg, toml).unwrap();
+        let (code, _, err) = run_cli(
+            &["check", "--config", cfg.to_str().unwrap()],
+            &[("TASKGATE_UPSTREAM_TOKEN", TOKEN)],
+        );
+        assert_eq!(code, Some(78), "{err}");
+        assert!(err.contains(key), "{err}");
+    }
+}
