@@ -359,3 +359,49 @@ fn demo(path: Option<PathBuf>, upstream_listen: String, mut signals: Signals) ->
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(toml: &str) -> Config {
+        let raw = RawConfig::parse(toml).unwrap();
+        Config::from_raw(raw, |k| {
+            (k == "TASKGATE_UPSTREAM_TOKEN").then(|| "t".into())
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn demo_banner_shows_a_dry_run_and_how_caller_keys_work() {
+        let vendor = "127.0.0.1:9080".parse().unwrap();
+        let text = demo_banner(&config(""), vendor);
+        let dry = text
+            .lines()
+            .find(|l| l.contains("X-Taskgate-Dry-Run: true"))
+            .expect("a dry-run line");
+        assert!(dry.starts_with("curl -X PUT \"http://127.0.0.1:8080/agent-api/user/"));
+        assert!(dry.contains(mock_vendor::EXAMPLE_BODY));
+        assert!(text.contains("[[access.callers]]"), "{text}");
+        let keyed = text
+            .lines()
+            .find(|l| l.contains("Authorization: Bearer KEY"))
+            .expect("a caller-key line");
+        assert!(keyed.starts_with("curl "), "{keyed}");
+        // The plain curl carries no key: callers are off in the demo.
+        let lines: Vec<_> = text.lines().collect();
+        assert!(lines[3].starts_with("curl -X PUT"), "{text}");
+        assert!(!lines[4].contains("Authorization"), "{text}");
+
+        let text = demo_banner(
+            &config(
+                "listen = \"unix:/tmp/tg.sock\"\n[[access.callers]]\nname = \"billing\"\n\
+                 key_sha256 = \"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\"\n",
+            ),
+            vendor,
+        );
+        assert!(text.contains("curl --unix-socket /tmp/tg.sock -X PUT \"http://localhost/"));
+        assert!(text.contains("Authorization: Bearer <key of caller billing>"));
+        assert!(!text.contains("Bearer KEY"), "{text}");
+    }
+}
