@@ -23,11 +23,17 @@ pub struct AccessLine<'a> {
     pub ts: &'a str,
     pub request_id: &'a str,
     pub client: String,
+    /// The `[[access.callers]]` name, with caller control on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub caller: Option<&'a str>,
     pub method: &'a str,
     pub path: &'a str,
     pub status: u16,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<&'static str>,
+    /// Present (`true`) only for a dry run.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub user_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -155,10 +161,12 @@ mod tests {
                 ts: "2026-11-24T00:00:00.000Z",
                 request_id: "r",
                 client: "127.0.0.1:1".into(),
+                caller: (i == 99).then_some("billing"),
                 method: "PUT",
                 path: "/x\n\"y",
                 status: 200 + i,
                 reason: None,
+                dry_run: i == 99,
                 user_id: None,
                 task_id: None,
                 latency_ms: 1.0,
@@ -174,5 +182,12 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(lines[99]).unwrap();
         assert_eq!(v["status"], 299);
         assert_eq!(v["path"], "/x\n\"y");
+        assert_eq!(v["caller"], "billing");
+        assert_eq!(v["dry_run"], true);
+        let v: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+        assert!(
+            v.get("caller").is_none() && v.get("dry_run").is_none(),
+            "{v}"
+        );
     }
 }

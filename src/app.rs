@@ -20,7 +20,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::access_log::{AccessLog, AccessLogTask};
 use crate::audit::{AuditLog, AuditObserver, AuditWriterTask, Event};
-use crate::config::Config;
+use crate::config::{Config, Listen};
+use crate::listener::UnixSocket;
 use crate::metrics::{EventLabel, Metrics};
 use crate::pipeline::rate_limit::LocalLimiter;
 use crate::pipeline::residue::ResidueGate;
@@ -36,7 +37,8 @@ pub enum StartError {
     #[error("cannot listen on {addr} ({key}): {source}")]
     Bind {
         key: &'static str,
-        addr: SocketAddr,
+        /// A TCP address or `unix:<path>`.
+        addr: String,
         source: std::io::Error,
     },
     #[error(transparent)]
@@ -57,7 +59,8 @@ pub enum Stopped {
 /// A started gateway. Dropping it without `shutdown` leaves its tasks running
 /// until the runtime ends.
 pub struct Gateway {
-    pub listen: SocketAddr,
+    /// The data listener as bound (a TCP port of 0 resolved).
+    pub listen: Listen,
     pub admin_listen: SocketAddr,
     pub state: Arc<State>,
     stop: CancellationToken,
@@ -76,13 +79,30 @@ impl Gateway {
         access_out: Box<dyn Write + Send>,
     ) -> Result<Gateway, StartError> {
         let client = upstream::build_client(&config.upstream)?;
-        let data = bind("listen", config.listen).await?;
-        let admin = bind("admin_listen", config.admin_listen).await?;
-        let local = |l: &TcpListener, key, addr| {
-            l.local_addr()
-                .map_err(|source| StartError::Bind { key, addr, source })
+        let data = match &config.listen {
+            Listen::Tcp(addr) => DataListener::Tcp(bind("listen", *addr).await?),
+            Listen::Unix(path) => {
+                DataListener::Unix(UnixSocket::bind(path).await.map_err(|source| {
+                    StartError::Bind {
+                        key: "listen",
+                        addr: config.listen.to_string(),
+                        source,
+                    }
+                })?)
+            }
         };
-        let listen = local(&data, "listen", config.listen)?;
+        let admin = bind("admin_listen", config.admin_listen).await?;
+        let local = |l: &TcpListener, key, addr: SocketAddr| {
+            l.local_addr().map_err(|source| StartError::Bind {
+                key,
+                addr: addr.to_string(),
+                source,
+            })
+        };
+        let listen = match (&data, &config.listen) {
+            (DataListener::Tcp(l), Listen::Tcp(addr)) => Listen::Tcp(local(l, "listen", *addr)?),
+            (_, configured) => configured.clone(),
+        };
         let admin_listen = local(&admin, "admin_listen", config.admin_listen)?;
 
         let metrics = Arc::new(Metrics::default());
@@ -128,13 +148,25 @@ impl Gateway {
         let tasks = TaskTracker::new();
 
         let data_state = state.clone();
-        tasks.spawn(server::serve(
-            data,
-            limits.clone(),
-            stop.clone(),
-            tasks.clone(),
-            move |req, peer| pipeline::handle(data_state.clone(), peer, req),
-        ));
+        let data_handler = move |req, peer| pipeline::handle(data_state.clone(), peer, req);
+        // One accept loop, for either kind of socket; a Unix socket's file
+        // goes when the loop drops the listener, as the drain begins.
+        match data {
+            DataListener::Tcp(l) => tasks.spawn(server::serve(
+                l,
+                limits.clone(),
+                stop.clone(),
+                tasks.clone(),
+                data_handler,
+            )),
+            DataListener::Unix(l) => tasks.spawn(server::serve(
+                l,
+                limits.clone(),
+                stop.clone(),
+                tasks.clone(),
+                data_handler,
+            )),
+        };
         let admin_state = state.clone();
         tasks.spawn(server::serve(
             admin,
@@ -277,10 +309,20 @@ async fn apply_reload(state: &Arc<State>, path: Option<PathBuf>) {
     }
 }
 
+/// The data listener, bound.
+enum DataListener {
+    Tcp(TcpListener),
+    Unix(UnixSocket),
+}
+
 async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
     TcpListener::bind(addr)
         .await
-        .map_err(|source| StartError::Bind { key, addr, source })
+        .map_err(|source| StartError::Bind {
+            key,
+            addr: addr.to_string(),
+            source,
+        })
 }
 
 fn count_event(family: &Family<EventLabel, Counter>, event: Event) {

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::app::{self, Stopped};
-use crate::config::{Config, LogFormat, RawConfig};
+use crate::config::{Config, Listen, LogFormat, RawConfig};
 use crate::mock_vendor::{self, MockOptions, MockVendor};
 use crate::signals::Signals;
 use crate::telemetry;
@@ -261,6 +261,60 @@ fn mock_upstream(
     })
 }
 
+/// What `demo` prints: the vendor page's curl aimed at the gateway, a dry run
+/// of it, how caller keys work, and the example user's rate limit.
+fn demo_banner(config: &Config, vendor: std::net::SocketAddr) -> String {
+    let (socket, host) = match &config.listen {
+        Listen::Tcp(addr) => (String::new(), addr.to_string()),
+        Listen::Unix(path) => (
+            format!("--unix-socket {} ", path.display()),
+            "localhost".into(),
+        ),
+    };
+    let url = format!(
+        "http://{host}/agent-api/user/{}/task/{}",
+        mock_vendor::EXAMPLE_USER,
+        mock_vendor::EXAMPLE_TASK
+    );
+    let body = mock_vendor::EXAMPLE_BODY;
+    // With callers configured (demo --config FILE) every curl needs a key.
+    let key = match config.access.callers.first() {
+        Some(c) => format!("-H \"Authorization: Bearer <key of caller {}>\" ", c.name),
+        None => String::new(),
+    };
+    let callers = if config.access.callers.is_empty() {
+        format!(
+            "Caller keys are off in the demo (any local process may call). To require one, \
+             pass --config FILE holding\n  [[access.callers]]\n  name = \"billing\"\n  \
+             key_sha256 = \"<printf %s KEY | sha256sum>\"\n\
+             and send the key:\n\
+             curl {socket}-X PUT \"{url}\" -H \"Authorization: Bearer KEY\" \
+             -H \"Content-Type: application/json\" -d '{body}'\n"
+        )
+    } else {
+        format!(
+            "Caller keys are on ({} configured): replace <key of caller …> with the key \
+             whose SHA-256 is that caller's key_sha256; without it the answer is 401.\n",
+            config.access.callers.len()
+        )
+    };
+    let quota = config.rate_limit.quota_for(mock_vendor::EXAMPLE_USER);
+    format!(
+        "\ntaskgate demo: vendor emulator on {vendor}, gateway on {}. Try:\n\n\
+         curl {socket}-X PUT \"{url}\" \\\n  {key}\
+         -H \"Content-Type: application/json\" \\\n  \
+         -d '{body}'\n\n\
+         A dry run (every check, nothing forwarded, no audit record):\n\
+         curl {socket}-X PUT \"{url}\" {key}-H \"X-Taskgate-Dry-Run: true\" \
+         -H \"Content-Type: application/json\" -d '{body}'\n\n\
+         {callers}\n\
+         The example user may send a burst of {} updates, then {} per second \
+         (rate_limit.burst / per_second; dry runs count too): past that the answer is \
+         429 with Retry-After.\n",
+        config.listen, quota.burst, quota.per_second,
+    )
+}
+
 fn demo(path: Option<PathBuf>, upstream_listen: String, mut signals: Signals) -> ExitCode {
     const DEMO_TOKEN: &str = "demo-token-not-secret";
     let raw = match RawConfig::read(path.as_deref()) {
@@ -296,22 +350,7 @@ fn demo(path: Option<PathBuf>, upstream_listen: String, mut signals: Signals) ->
             }
         };
         vendor.set_recording(false);
-        let listen = config.listen;
-        let quota = config.rate_limit.quota_for(mock_vendor::EXAMPLE_USER);
-        eprintln!(
-            "\ntaskgate demo: vendor emulator on {}, gateway on {listen}. Try:\n\n\
-             curl -X PUT \"http://{listen}/agent-api/user/{}/task/{}\" \\\n  \
-             -H \"Content-Type: application/json\" \\\n  \
-             -d '{}'\n\n\
-             The example user may send a burst of {} updates, then {} per second \
-             (rate_limit.burst / per_second): past that the answer is 429 with Retry-After.\n",
-            vendor.addr,
-            mock_vendor::EXAMPLE_USER,
-            mock_vendor::EXAMPLE_TASK,
-            mock_vendor::EXAMPLE_BODY,
-            quota.burst,
-            quota.per_second,
-        );
+        eprint!("{}", demo_banner(&config, vendor.addr));
         let result = app::run(config, path, &mut signals).await;
         vendor.stop().await;
         match result {
@@ -319,4 +358,50 @@ fn demo(path: Option<PathBuf>, upstream_listen: String, mut signals: Signals) ->
             Err(e) => fail(1, e),
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(toml: &str) -> Config {
+        let raw = RawConfig::parse(toml).unwrap();
+        Config::from_raw(raw, |k| {
+            (k == "TASKGATE_UPSTREAM_TOKEN").then(|| "t".into())
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn demo_banner_shows_a_dry_run_and_how_caller_keys_work() {
+        let vendor = "127.0.0.1:9080".parse().unwrap();
+        let text = demo_banner(&config(""), vendor);
+        let dry = text
+            .lines()
+            .find(|l| l.contains("X-Taskgate-Dry-Run: true"))
+            .expect("a dry-run line");
+        assert!(dry.starts_with("curl -X PUT \"http://127.0.0.1:8080/agent-api/user/"));
+        assert!(dry.contains(mock_vendor::EXAMPLE_BODY));
+        assert!(text.contains("[[access.callers]]"), "{text}");
+        let keyed = text
+            .lines()
+            .find(|l| l.contains("Authorization: Bearer KEY"))
+            .expect("a caller-key line");
+        assert!(keyed.starts_with("curl "), "{keyed}");
+        // The plain curl carries no key: callers are off in the demo.
+        let lines: Vec<_> = text.lines().collect();
+        assert!(lines[3].starts_with("curl -X PUT"), "{text}");
+        assert!(!lines[4].contains("Authorization"), "{text}");
+
+        let text = demo_banner(
+            &config(
+                "listen = \"unix:/tmp/tg.sock\"\n[[access.callers]]\nname = \"billing\"\n\
+                 key_sha256 = \"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\"\n",
+            ),
+            vendor,
+        );
+        assert!(text.contains("curl --unix-socket /tmp/tg.sock -X PUT \"http://localhost/"));
+        assert!(text.contains("Authorization: Bearer <key of caller billing>"));
+        assert!(!text.contains("Bearer KEY"), "{text}");
+    }
 }

@@ -3,7 +3,7 @@
 //! every problem `serve` would refuse to start with is found here, so `check`
 //! finds it too (a leaf: nothing above it is imported).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
@@ -18,7 +18,7 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
 use crate::ids::parse_canonical_uuid;
-use crate::secret::{Secret, Token};
+use crate::secret::{KeyDigest, Secret, Token};
 
 /// Start-up errors: a bad config never gets as far as serving.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +67,7 @@ pub struct RawConfig {
     pub runtime: RawRuntime,
     /// Absent: every replica keeps its own state.
     pub shared: Option<RawShared>,
+    pub access: RawAccess,
 }
 
 impl Default for RawConfig {
@@ -84,6 +85,7 @@ impl Default for RawConfig {
             log: RawLog::default(),
             runtime: RawRuntime::default(),
             shared: None,
+            access: RawAccess::default(),
         }
     }
 }
@@ -271,12 +273,31 @@ impl Default for RawRuntime {
     }
 }
 
+/// `[access]`: who may call (DESIGN.md "Caller control").
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAccess {
+    pub allowed_users: Vec<String>,
+    pub allowed_uids: Vec<u32>,
+    pub callers: Vec<RawCaller>,
+}
+
+/// One `[[access.callers]]` entry.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCaller {
+    pub name: String,
+    pub key_sha256: String,
+    #[serde(default)]
+    pub users: Vec<String>,
+}
+
 // ---------------------------------------------------------------------------
 // The validated config the rest of the program reads.
 
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub listen: SocketAddr,
+    pub listen: Listen,
     pub admin_listen: SocketAddr,
     pub shutdown_grace: Duration,
     pub upstream: UpstreamConfig,
@@ -288,6 +309,7 @@ pub struct Config {
     pub log_format: LogFormat,
     pub worker_threads: usize,
     pub shared: Option<SharedConfig>,
+    pub access: AccessConfig,
 }
 
 /// `[shared]`, validated. The URL (with any password) is a [`Secret`]: the
@@ -307,6 +329,47 @@ pub enum SharedFallback {
     Local,
     /// 503 `shared_state_unavailable`; nothing forwarded.
     Reject,
+}
+
+/// Where the data listener is: a TCP address, or a Unix socket's path
+/// (`listen = "unix:/path/to.sock"`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+/// The longest path a Unix socket address holds (`sun_path` is 108 bytes
+/// with its terminating NUL on Linux).
+const MAX_SOCKET_PATH: usize = 107;
+
+impl fmt::Display for Listen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Listen::Tcp(addr) => addr.fmt(f),
+            Listen::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+/// `[access]`, validated. Empty sets mean "any".
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AccessConfig {
+    /// User ids this gateway may act for.
+    pub allowed_users: HashSet<Uuid>,
+    /// Unix-socket peers' uids that may call.
+    pub allowed_uids: HashSet<u32>,
+    /// With at least one, every request must carry a known caller's key.
+    pub callers: Vec<Caller>,
+}
+
+/// One known caller: its name (in the access log and audit records), the
+/// digest of its key, and the user ids it may act for (empty: any allowed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub name: String,
+    pub key: KeyDigest,
+    pub users: HashSet<Uuid>,
 }
 
 #[derive(Debug, Clone)]
@@ -574,10 +637,18 @@ impl Config {
         }
         let env_token = env("TASKGATE_UPSTREAM_TOKEN");
 
-        let listen = parse_addr("listen", &raw.listen)?;
+        let listen = parse_listen(&raw.listen)?;
         let admin_listen = parse_addr("admin_listen", &raw.admin_listen)?;
-        if admin_listen == listen && listen.port() != 0 {
+        if listen == Listen::Tcp(admin_listen) && admin_listen.port() != 0 {
             return Err(invalid("admin_listen", "must differ from `listen`"));
+        }
+        let access = access_config(&raw.access)?;
+        if !access.allowed_uids.is_empty() && !matches!(listen, Listen::Unix(_)) {
+            // A TCP peer has no uid: the operator meant a socket.
+            return Err(invalid(
+                "access.allowed_uids",
+                "applies only to a Unix-socket listener (`listen = \"unix:/path\"`)",
+            ));
         }
 
         let upstream = upstream_config(&raw.upstream, env_token)?;
@@ -665,6 +736,7 @@ impl Config {
             log_format,
             worker_threads: raw.runtime.worker_threads,
             shared: raw.shared.as_ref().map(shared_config).transpose()?,
+            access,
         })
     }
 
@@ -683,6 +755,10 @@ impl Config {
         shown.audit.path = self.audit.path.clone();
         if let Some(shared) = &mut shown.shared {
             shared.redis_url = crate::secret::redact_url_password(&shared.redis_url);
+        }
+        // A digest of a weak key gives the key away to a guesser.
+        for caller in &mut shown.access.callers {
+            caller.key_sha256 = "<redacted>".into();
         }
         let body =
             toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"));
@@ -715,6 +791,25 @@ impl RawConfig {
     pub fn parse(text: &str) -> Result<RawConfig, String> {
         toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())
     }
+}
+
+fn parse_listen(v: &str) -> Result<Listen, ConfigError> {
+    let Some(path) = v.strip_prefix("unix:") else {
+        return parse_addr("listen", v).map(Listen::Tcp);
+    };
+    if path.is_empty() || path.contains('\0') {
+        return Err(invalid(
+            "listen",
+            "`unix:` must be followed by a socket path",
+        ));
+    }
+    if path.len() > MAX_SOCKET_PATH {
+        return Err(invalid(
+            "listen",
+            format!("socket path longer than {MAX_SOCKET_PATH} bytes"),
+        ));
+    }
+    Ok(Listen::Unix(PathBuf::from(path)))
 }
 
 fn parse_addr(key: &'static str, v: &str) -> Result<SocketAddr, ConfigError> {
@@ -960,6 +1055,66 @@ fn url_parts(url: &str) -> Option<RedisUrl> {
     })
 }
 
+fn uuid_set(key: &'static str, ids: &[String]) -> Result<HashSet<Uuid>, ConfigError> {
+    ids.iter()
+        .map(|id| {
+            parse_canonical_uuid(id)
+                .ok_or_else(|| invalid(key, format!("`{id}` is not a canonical UUID")))
+        })
+        .collect()
+}
+
+/// A caller's name goes into every log line and audit record of its
+/// requests: short, and nothing that could be read as another field.
+fn valid_caller_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+fn access_config(raw: &RawAccess) -> Result<AccessConfig, ConfigError> {
+    let mut callers: Vec<Caller> = Vec::with_capacity(raw.callers.len());
+    for (i, c) in raw.callers.iter().enumerate() {
+        let which = format!("caller {} (`{}`)", i + 1, c.name);
+        if !valid_caller_name(&c.name) {
+            return Err(invalid(
+                "access.callers.name",
+                format!("{which}: 1 to 64 letters, digits, `-`, `_` or `.`"),
+            ));
+        }
+        let key = KeyDigest::from_hex(&c.key_sha256).ok_or_else(|| {
+            invalid(
+                "access.callers.key_sha256",
+                format!("{which}: must be 64 hex digits (the SHA-256 of the key)"),
+            )
+        })?;
+        if let Some(other) = callers.iter().find(|o| o.name == c.name) {
+            return Err(invalid(
+                "access.callers.name",
+                format!("{which}: `{}` is named twice", other.name),
+            ));
+        }
+        if let Some(other) = callers.iter().find(|o| o.key == key) {
+            return Err(invalid(
+                "access.callers.key_sha256",
+                format!("{which}: the same key as `{}`", other.name),
+            ));
+        }
+        let users = uuid_set("access.callers.users", &c.users)?;
+        callers.push(Caller {
+            name: c.name.clone(),
+            key,
+            users,
+        });
+    }
+    Ok(AccessConfig {
+        allowed_users: uuid_set("access.allowed_users", &raw.allowed_users)?,
+        allowed_uids: raw.allowed_uids.iter().copied().collect(),
+        callers,
+    })
+}
+
 fn residue_config(raw: &RawResidue) -> Result<ResidueConfig, ConfigError> {
     if !raw.path.starts_with('/') || !raw.path.contains("{user_id}") {
         return Err(invalid(
@@ -1010,6 +1165,7 @@ mod tests {
     fn defaults_match_design() {
         let c = Config::from_raw(RawConfig::default(), env_with_token).unwrap();
         assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.access, AccessConfig::default());
         assert_eq!(c.admin_listen.to_string(), "127.0.0.1:9901");
         assert_eq!(c.upstream.scheme, Scheme::HTTPS);
         assert_eq!(c.upstream.authority.as_str(), "ai.api.longlonglong.cn");
@@ -1072,7 +1228,7 @@ mod tests {
             _ => None,
         })
         .unwrap();
-        assert_eq!(c.listen.port(), 2);
+        assert_eq!(c.listen, Listen::Tcp("127.0.0.1:2".parse().unwrap()));
         assert_eq!(c.upstream.scheme, Scheme::HTTP);
         assert_eq!(c.upstream.base_path, "/base");
     }
@@ -1085,6 +1241,94 @@ mod tests {
         assert!(!shown.contains("s3cret-token"));
         assert!(!format!("{c:?}").contains("s3cret-token"));
         assert!(shown.contains("listen"));
+    }
+
+    fn load(text: &str) -> Result<Config, String> {
+        Config::from_raw(RawConfig::parse(text)?, env_with_token).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn unix_listen_and_its_limits() {
+        let c = load("listen = \"unix:/run/taskgate/taskgate.sock\"\n").unwrap();
+        assert_eq!(c.listen, Listen::Unix("/run/taskgate/taskgate.sock".into()));
+        assert_eq!(c.listen.to_string(), "unix:/run/taskgate/taskgate.sock");
+        let env = |k: &str| match k {
+            "TASKGATE_LISTEN" => Some("unix:./t.sock".into()),
+            _ => env_with_token(k),
+        };
+        let c = Config::from_raw(RawConfig::default(), env).unwrap();
+        assert_eq!(c.listen, Listen::Unix("./t.sock".into()));
+        for bad in ["unix:", &format!("unix:/{}", "a".repeat(107))] {
+            let err = load(&format!("listen = \"{bad}\"\n")).unwrap_err();
+            assert!(err.contains("`listen`"), "{err}");
+        }
+        let err = load("[access]\nallowed_uids = [1000]\n").unwrap_err();
+        assert!(err.contains("access.allowed_uids"), "{err}");
+        let c = load("listen = \"unix:/t.sock\"\n[access]\nallowed_uids = [1000, 0]\n").unwrap();
+        assert_eq!(c.access.allowed_uids, HashSet::from([0, 1000]));
+    }
+
+    const KEY_HEX: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+
+    #[test]
+    fn access_section_is_checked_key_by_key() {
+        let c = load(&format!(
+            "[access]\nallowed_users = [\"5832D184-dd53-42a0-8ace-0bf8d660f4cc\"]\n\
+             [[access.callers]]\nname = \"billing\"\nkey_sha256 = \"{KEY_HEX}\"\n\
+             users = [\"f232d184-dd54-42a0-8ace-0bf8d660f4cc\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(c.access.allowed_users.len(), 1);
+        assert_eq!(c.access.callers[0].name, "billing");
+        assert!(c.access.callers[0].key == KeyDigest::of("test"));
+        assert_eq!(c.access.callers[0].users.len(), 1);
+
+        let caller = |name: &str, key: &str, users: &str| {
+            format!(
+                "[[access.callers]]\nname = \"{name}\"\nkey_sha256 = \"{key}\"\nusers = [{users}]\n"
+            )
+        };
+        let two_keys = "1111111111111111111111111111111111111111111111111111111111111111";
+        for (text, key) in [
+            (caller("b", &KEY_HEX[1..], ""), "access.callers.key_sha256"),
+            (
+                caller("b", &KEY_HEX.replace('f', "x"), ""),
+                "access.callers.key_sha256",
+            ),
+            (caller("b", KEY_HEX, "\"nope\""), "access.callers.users"),
+            (caller("", KEY_HEX, ""), "access.callers.name"),
+            (caller("a b", KEY_HEX, ""), "access.callers.name"),
+            (
+                caller("b", KEY_HEX, "") + &caller("b", two_keys, ""),
+                "access.callers.name",
+            ),
+            (
+                caller("a", KEY_HEX, "") + &caller("b", KEY_HEX, ""),
+                "access.callers.key_sha256",
+            ),
+            (
+                "[access]\nallowed_users = [\"x\"]\n".to_owned(),
+                "access.allowed_users",
+            ),
+        ] {
+            let err = load(&text).unwrap_err();
+            assert!(err.contains(key), "{key}: {err}");
+        }
+        let err = RawConfig::parse("[[access.callers]]\nname = \"b\"\nkey = \"k\"\n").unwrap_err();
+        assert!(err.contains("key"), "{err}");
+    }
+
+    #[test]
+    fn redacted_output_hides_caller_key_digests() {
+        let raw = RawConfig::parse(&format!(
+            "[[access.callers]]\nname = \"billing\"\nkey_sha256 = \"{KEY_HEX}\"\n"
+        ))
+        .unwrap();
+        let c = Config::from_raw(raw.clone(), env_with_token).unwrap();
+        let shown = c.to_redacted_toml(&raw);
+        assert!(shown.contains("billing"), "{shown}");
+        assert!(!shown.contains(&KEY_HEX[..16]), "{shown}");
+        assert!(!format!("{c:?}").contains(&KEY_HEX[..16]));
     }
 
     #[test]

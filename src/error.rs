@@ -61,10 +61,15 @@ pub enum Error {
         "the shared state (Redis) cannot be reached and shared.on_unavailable = reject; nothing was forwarded"
     )]
     SharedStateUnavailable,
-    #[error("unauthorized")]
+    #[error("a known caller key is required (Authorization: Bearer <key>)")]
     Unauthorized,
-    #[error("forbidden")]
-    Forbidden,
+    #[error("forbidden: {detail}")]
+    Forbidden { detail: &'static str },
+    #[error("header {header} must be {expected}")]
+    InvalidHeader {
+        header: &'static str,
+        expected: &'static str,
+    },
 }
 
 impl Error {
@@ -92,7 +97,8 @@ impl Error {
             // NGINX's convention; nobody is left to read it but the logs.
             Error::ClientClosed => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
             Error::Unauthorized => StatusCode::UNAUTHORIZED,
-            Error::Forbidden => StatusCode::FORBIDDEN,
+            Error::Forbidden { .. } => StatusCode::FORBIDDEN,
+            Error::InvalidHeader { .. } => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -119,12 +125,13 @@ impl Error {
             Error::ClientClosed => "client_closed",
             Error::SharedStateUnavailable => "shared_state_unavailable",
             Error::Unauthorized => "unauthorized",
-            Error::Forbidden => "forbidden",
+            Error::Forbidden { .. } => "forbidden",
+            Error::InvalidHeader { .. } => "invalid_header",
         }
     }
 
     /// The response in the vendor's envelope, with the headers each error
-    /// owes the caller (`Allow`, `Retry-After`). `X-Request-Id` is added by
+    /// owes the caller (`Allow`, `Retry-After`, `WWW-Authenticate`). `X-Request-Id` is added by
     /// the pipeline for every response alike.
     pub fn into_response(self) -> Response<Full<Bytes>> {
         let status = self.status();
@@ -158,6 +165,13 @@ impl Error {
                 h.insert(
                     header::RETRY_AFTER,
                     HeaderValue::from(retry_after_secs.max(1)),
+                );
+            }
+            // RFC 9110 §15.5.2: a 401 says how to authenticate.
+            Error::Unauthorized => {
+                h.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"taskgate\""),
                 );
             }
             // The rest of the request cannot be trusted (framing) or is still
@@ -268,7 +282,15 @@ mod tests {
                 "shared_state_unavailable",
             ),
             (Error::Unauthorized, 401, "unauthorized"),
-            (Error::Forbidden, 403, "forbidden"),
+            (Error::Forbidden { detail: "x" }, 403, "forbidden"),
+            (
+                Error::InvalidHeader {
+                    header: "X-Taskgate-Dry-Run",
+                    expected: "true, 1, false or 0",
+                },
+                400,
+                "invalid_header",
+            ),
         ];
         for (err, status, reason) in cases {
             let (s, _, v) = body_of(err);
@@ -292,6 +314,19 @@ mod tests {
             retry_after_secs: 0,
         });
         assert_eq!(h["retry-after"], "1");
+        let (_, h, _) = body_of(Error::Unauthorized);
+        assert_eq!(h["www-authenticate"], "Bearer realm=\"taskgate\"");
+        let (_, h, v) = body_of(Error::InvalidHeader {
+            header: "X-Taskgate-Dry-Run",
+            expected: "true, 1, false or 0",
+        });
+        assert!(h.get("www-authenticate").is_none());
+        assert!(
+            v["message"]
+                .as_str()
+                .unwrap()
+                .contains("X-Taskgate-Dry-Run")
+        );
         let (_, _, v) = body_of(Error::ResidueExceeded {
             maximumcall: 5,
             residue: 3,

@@ -10,6 +10,7 @@
 //! - [`reload`]: SIGHUP's re-read of the config file, and what it changed.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`server`]: accept loop, connection limits, header timeout, lingering close, graceful drain.
+//! - [`listener`]: the TCP and Unix-socket listeners behind one trait; the socket file's life.
 //! - [`pipeline`]: one PUT, stage by stage, in the order of DESIGN.md, and the state it shares.
 //! - [`router`]: the route table; the only place that knows which paths exist.
 //! - [`upstream`]: the pooled HTTPS client and the token in force.
@@ -31,6 +32,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod ids;
+pub mod listener;
 pub mod metrics;
 pub mod mock_vendor;
 pub mod peer;

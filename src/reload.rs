@@ -1,6 +1,7 @@
 //! SIGHUP: re-read the config file and swap in what may change at run time
 //! (rate limits, residue settings, timeouts, validation, body limits, the
-//! upstream and the token source). Listener addresses, connection limits,
+//! upstream and the token source, and `[access]`: callers, allowed users and
+//! uids). Listener addresses, connection limits,
 //! the runtime, logging and the audit log need a restart: a change there is
 //! reported and otherwise ignored.
 
@@ -76,6 +77,7 @@ pub fn reload(state: &State, path: Option<&Path>) -> Result<Changes, ReloadError
         ),
         ("rate_limit", new.rate_limit != was.rate_limit),
         ("residue", new.residue != was.residue),
+        ("access", new.access != was.access),
     ] {
         if changed {
             changes.applied.push(key);

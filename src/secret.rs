@@ -1,13 +1,16 @@
 //! Sensitive values: the vendor token, kept only as a ready-made header value
-//! marked sensitive, and other secrets (a Redis URL with its password), whose
-//! `Debug` and `Display` print a placeholder. A leaf: it imports nothing from
-//! the rest of the crate.
+//! marked sensitive; the callers' keys, of which only a SHA-256 digest is
+//! kept and compared (in constant time); and other secrets (a Redis URL with
+//! its password). Their `Debug` and `Display` print a placeholder. A leaf: it
+//! imports nothing from the rest of the crate.
 
 use std::fmt;
 use std::path::Path;
 
 use bytes::Bytes;
 use http::HeaderValue;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 
 /// The vendor token. It is kept only as the ready-made `Authorization` value,
 /// marked sensitive so hyper's own debug output hides it too; `Debug` and
@@ -143,9 +146,127 @@ impl fmt::Display for Secret {
     }
 }
 
+/// A caller key as it arrived in `Authorization: Bearer <key>`, borrowed
+/// from the request only long enough to be hashed: it is never copied,
+/// logged, stored or forwarded.
+pub struct CallerKey<'a>(&'a [u8]);
+
+impl<'a> CallerKey<'a> {
+    /// The key of a `Bearer` credential (the scheme is case-insensitive, RFC
+    /// 9110 §11.1); `None` for any other scheme or an empty key.
+    pub fn from_authorization(value: &'a HeaderValue) -> Option<CallerKey<'a>> {
+        let v = value.as_bytes();
+        let (scheme, rest) = v.split_at_checked(7)?;
+        if !scheme.eq_ignore_ascii_case(b"bearer ") {
+            return None;
+        }
+        let key = rest.trim_ascii();
+        (!key.is_empty()).then_some(CallerKey(key))
+    }
+
+    pub fn digest(&self) -> KeyDigest {
+        KeyDigest(Sha256::digest(self.0).into())
+    }
+}
+
+impl fmt::Debug for CallerKey<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("CallerKey(<redacted>)")
+    }
+}
+
+/// The SHA-256 of a caller key (`access.callers.key_sha256`). Equality is
+/// constant-time; `Debug` and `Display` print a placeholder, because the
+/// digest of a weak key can be turned back into the key by guessing.
+#[derive(Clone, Copy)]
+pub struct KeyDigest([u8; 32]);
+
+impl KeyDigest {
+    /// From 64 hex digits (either case); `None` for anything else.
+    pub fn from_hex(hex_digits: &str) -> Option<KeyDigest> {
+        let mut out = [0u8; 32];
+        if hex_digits.len() != 64 {
+            return None;
+        }
+        hex::decode_to_slice(hex_digits, &mut out).ok()?;
+        Some(KeyDigest(out))
+    }
+
+    /// The digest of `key` as a caller would send it (for tests and tools).
+    pub fn of(key: &str) -> KeyDigest {
+        KeyDigest(Sha256::digest(key.as_bytes()).into())
+    }
+
+    /// Lowercase hex, as `key_sha256` is written.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+}
+
+impl ConstantTimeEq for KeyDigest {
+    fn ct_eq(&self, other: &Self) -> subtle::Choice {
+        self.0.ct_eq(&other.0)
+    }
+}
+
+impl PartialEq for KeyDigest {
+    fn eq(&self, other: &Self) -> bool {
+        self.ct_eq(other).into()
+    }
+}
+
+impl Eq for KeyDigest {}
+
+impl fmt::Debug for KeyDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("KeyDigest(<redacted>)")
+    }
+}
+
+impl fmt::Display for KeyDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn caller_keys_are_read_from_bearer_credentials_and_never_print() {
+        let v = HeaderValue::from_static("bEaReR  k3y-of-billing ");
+        let key = CallerKey::from_authorization(&v).unwrap();
+        assert!(!format!("{key:?}").contains("k3y"));
+        assert!(key.digest() == KeyDigest::of("k3y-of-billing"));
+        for bad in ["Basic abc", "Bearer", "Bearer   ", "Bearerabc", ""] {
+            let v = HeaderValue::from_str(bad).unwrap();
+            assert!(CallerKey::from_authorization(&v).is_none(), "{bad:?}");
+        }
+        let d = KeyDigest::of("k3y-of-billing");
+        assert_eq!(format!("{d}"), "<redacted>");
+        assert!(!format!("{d:?}").contains(&d.to_hex()[..8]));
+    }
+
+    #[test]
+    fn key_digests_parse_from_64_hex_digits() {
+        // sha256("test"), the example in DESIGN.md.
+        let hex_digits = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+        let d = KeyDigest::from_hex(hex_digits).unwrap();
+        assert!(d == KeyDigest::of("test"));
+        assert!(KeyDigest::from_hex(&hex_digits.to_uppercase()).unwrap() == d);
+        assert_eq!(d.to_hex(), hex_digits);
+        assert!(d != KeyDigest::of("test2"));
+        for bad in [
+            "",
+            "9f86",
+            &hex_digits[1..],
+            &format!("{hex_digits}0"),
+            &hex_digits.replace('9', "g"),
+        ] {
+            assert!(KeyDigest::from_hex(bad).is_none(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn token_never_prints_itself() {

@@ -1,6 +1,7 @@
 //! Listeners: the accept loop, the connection cap, the header read timeout,
 //! HTTP/1.1 and h2c on one port, lingering close, and the graceful drain at
-//! shutdown. Every connection task is spawned on the caller's tracker.
+//! shutdown, for any [`Listener`] (TCP or a Unix socket). Every connection
+//! task is spawned on the caller's tracker.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -19,11 +20,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::listener::Listener;
 use crate::peer::Peer;
 
 /// Per-listener protection against slow or greedy clients.
@@ -49,36 +50,42 @@ enum Protocol {
     H2c,
 }
 
-/// Waits until the first bytes tell HTTP/1 from h2c, at most `deadline`.
+/// The first bytes of a connection, read to tell HTTP/1 from h2c and then
+/// handed to hyper ahead of the rest of the stream.
+#[derive(Default)]
+struct Prefix {
+    buf: [u8; 24],
+    len: usize,
+    /// How much of it hyper has read.
+    at: usize,
+}
+
+/// Reads until the first bytes tell HTTP/1 from h2c, at most `deadline`.
 /// Normal clients send a request line or the whole preface at once, so this
-/// is one readiness wait and one peek; only a client trickling a prefix of
-/// the preface makes it look again.
-async fn sniff_protocol(stream: &TcpStream, deadline: Duration) -> Option<Protocol> {
+/// is one read; only a client trickling a prefix of the preface makes it
+/// read again. (Read, not peeked, so any stream will do: a Unix socket
+/// cannot peek.)
+async fn sniff_protocol<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    deadline: Duration,
+) -> Option<(Protocol, Prefix)> {
     let until = tokio::time::Instant::now() + deadline;
-    let mut buf = [0u8; 24];
+    let mut prefix = Prefix::default();
     loop {
-        tokio::time::timeout_at(until, stream.readable())
+        let n = match tokio::time::timeout_at(until, stream.read(&mut prefix.buf[prefix.len..]))
             .await
-            .ok()?
-            .ok()?;
-        // `readable` may report readiness that is not there (tokio says so;
-        // a freshly accepted socket does), and `peek` then waits for data:
-        // it needs the deadline as much as the readiness wait does.
-        let n = match tokio::time::timeout_at(until, stream.peek(&mut buf)).await {
+        {
             Ok(Ok(0) | Err(_)) | Err(_) => return None,
             Ok(Ok(n)) => n,
         };
-        if !H2_PREFACE.starts_with(&buf[..n]) {
-            return Some(Protocol::Http1);
+        prefix.len += n;
+        let seen = &prefix.buf[..prefix.len];
+        if !H2_PREFACE.starts_with(seen) {
+            return Some((Protocol::Http1, prefix));
         }
-        if n == H2_PREFACE.len() {
-            return Some(Protocol::H2c);
+        if seen.len() == H2_PREFACE.len() {
+            return Some((Protocol::H2c, prefix));
         }
-        // A partial preface: readiness stays set while bytes are buffered,
-        // so wait a little before looking again.
-        tokio::time::timeout_at(until, tokio::time::sleep(Duration::from_millis(10)))
-            .await
-            .ok()?;
     }
 }
 
@@ -92,13 +99,14 @@ pub async fn fired(shutdown: &mut watch::Receiver<bool>) {
 /// Serves `handler` on `listener` until `shutdown` is cancelled, then lets
 /// open connections finish their current request within `limits.grace`.
 /// Connection tasks (and their lingering closes) run on `tasks`.
-pub async fn serve<H, F>(
-    listener: TcpListener,
+pub async fn serve<L, H, F>(
+    listener: L,
     limits: ServeLimits,
     shutdown: CancellationToken,
     tasks: TaskTracker,
     handler: H,
 ) where
+    L: Listener,
     H: Fn(Request<Incoming>, Peer) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
@@ -131,7 +139,7 @@ pub async fn serve<H, F>(
                 Err(_) => break,
             },
         };
-        let (stream, addr) = tokio::select! {
+        let (mut stream, peer) = tokio::select! {
             biased;
             () = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
@@ -144,8 +152,6 @@ pub async fn serve<H, F>(
                 }
             },
         };
-        let _ = stream.set_nodelay(true);
-        let peer = Peer::new(addr);
         let handler = handler.clone();
         let service = {
             let peer = peer.clone();
@@ -166,12 +172,14 @@ pub async fn serve<H, F>(
             // hyper's header timeout starts only once the protocol is known;
             // a client that sends nothing, or the h2c preface a byte at a
             // time, must not hold a connection slot for longer than it.
-            let Some(protocol) = sniff_protocol(&stream, deadline).await else {
+            let Some((protocol, prefix)) = sniff_protocol(&mut stream, deadline).await else {
                 return;
             };
             let scan = matches!(protocol, Protocol::Http1).then(HeadScan::default);
+            let client = peer.to_string();
             let io = ConnIo {
                 stream: Some(stream),
+                prefix,
                 scan,
                 peer,
                 linger: Some(linger),
@@ -180,7 +188,7 @@ pub async fn serve<H, F>(
             // Connection errors (client went away, bad framing) are the
             // client's business; hyper has already answered what it could.
             if let Err(e) = watcher.watch(conn.into_owned()).await {
-                tracing::debug!(cause = %e, client = %addr, "connection ended with an error");
+                tracing::debug!(cause = %e, client = %client, "connection ended with an error");
             }
         });
     }
@@ -204,18 +212,20 @@ struct Linger {
     permit: OwnedSemaphorePermit,
 }
 
-/// The socket as hyper sees it. Reads are scanned for ambiguous framing
-/// (HTTP/1 only); when hyper drops it, the socket gets a lingering close.
-struct ConnIo {
+/// The socket as hyper sees it: the sniffed prefix first, then the stream.
+/// Reads are scanned for ambiguous framing (HTTP/1 only); when hyper drops
+/// it, the socket gets a lingering close.
+struct ConnIo<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> {
     /// `Some` until dropped.
-    stream: Option<TcpStream>,
+    stream: Option<S>,
+    prefix: Prefix,
     scan: Option<HeadScan>,
     peer: Peer,
     linger: Option<Linger>,
 }
 
-impl ConnIo {
-    fn stream(&mut self) -> io::Result<Pin<&mut TcpStream>> {
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> ConnIo<S> {
+    fn stream(&mut self) -> io::Result<Pin<&mut S>> {
         match self.stream.as_mut() {
             Some(s) => Ok(Pin::new(s)),
             None => Err(io::ErrorKind::NotConnected.into()),
@@ -223,7 +233,7 @@ impl ConnIo {
     }
 }
 
-impl AsyncRead for ConnIo {
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> AsyncRead for ConnIo<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -231,9 +241,17 @@ impl AsyncRead for ConnIo {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
-        let result = match this.stream() {
-            Ok(s) => s.poll_read(cx, buf),
-            Err(e) => return Poll::Ready(Err(e)),
+        let p = &mut this.prefix;
+        let result = if p.at < p.len {
+            let n = buf.remaining().min(p.len - p.at);
+            buf.put_slice(&p.buf[p.at..p.at + n]);
+            p.at += n;
+            Poll::Ready(Ok(()))
+        } else {
+            match this.stream() {
+                Ok(s) => s.poll_read(cx, buf),
+                Err(e) => return Poll::Ready(Err(e)),
+            }
         };
         if let Some(scan) = &mut this.scan
             && scan.feed(&buf.filled()[before..])
@@ -244,7 +262,7 @@ impl AsyncRead for ConnIo {
     }
 }
 
-impl AsyncWrite for ConnIo {
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> AsyncWrite for ConnIo<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -286,7 +304,7 @@ impl AsyncWrite for ConnIo {
     }
 }
 
-impl Drop for ConnIo {
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Drop for ConnIo<S> {
     fn drop(&mut self) {
         let (Some(stream), Some(linger)) = (self.stream.take(), self.linger.take()) else {
             return;
@@ -310,7 +328,7 @@ impl Drop for ConnIo {
 /// [`LINGER`] passes): closing a socket with unread input makes the kernel
 /// send a reset, which can destroy an answer the client has not read yet —
 /// a 408 to a client still sending its body, say.
-async fn lingering_close(mut stream: TcpStream) {
+async fn lingering_close<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S) {
     let _ = stream.shutdown().await;
     let mut sink = [0u8; 4096];
     let until = tokio::time::Instant::now() + LINGER;

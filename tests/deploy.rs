@@ -1,7 +1,8 @@
 //! The deployment artefacts in `deploy/` agree with the configs they ship:
 //! probes on the admin port, mounts where the config looks for its files,
-//! `EXPOSE` where taskgate listens, stop timeouts above the drain grace, and
-//! every shipped config passes `taskgate check`. (`systemd-analyze verify` on
+//! the data socket where the callers can reach it and nobody else, `EXPOSE`
+//! where taskgate listens, stop timeouts above the drain grace, and every
+//! shipped config passes `taskgate check`. (`systemd-analyze verify` on
 //! the unit runs in `.ci/run`: it needs systemd installed.)
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -81,6 +82,36 @@ impl Toml {
     fn audit_dir(&self) -> String {
         parent(self.str("audit.path"))
     }
+
+    /// `listen`: a TCP address or `unix:<path>`.
+    fn listen(&self) -> Listen {
+        let v = self.str("listen");
+        match v.strip_prefix("unix:") {
+            Some(path) => {
+                assert!(
+                    path.starts_with('/'),
+                    "{}: socket path {path} is relative",
+                    self.name
+                );
+                Listen::Unix(path.to_owned())
+            }
+            None => Listen::Tcp(self.addr("listen")),
+        }
+    }
+
+    /// The TCP ports taskgate listens on.
+    fn tcp_ports(&self) -> BTreeSet<u16> {
+        let mut ports = BTreeSet::from([self.addr("admin_listen").port()]);
+        if let Listen::Tcp(addr) = self.listen() {
+            ports.insert(addr.port());
+        }
+        ports
+    }
+}
+
+enum Listen {
+    Tcp(SocketAddr),
+    Unix(String),
 }
 
 fn parent(p: &str) -> String {
@@ -255,8 +286,9 @@ fn probes_hit_the_admin_listener_of_the_shipped_config() {
         admin.ip().is_unspecified(),
         "admin_listen {admin} is unreachable for kubelet"
     );
-    let listen = cfg.addr("listen");
-    assert!(listen.ip().is_loopback(), "listen {listen} leaves the pod");
+    if let Listen::Tcp(listen) = cfg.listen() {
+        assert!(listen.ip().is_loopback(), "listen {listen} leaves the pod");
+    }
 
     let c = k8s.sidecar();
     for (probe, want) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
@@ -347,7 +379,7 @@ fn sidecar_runs_locked_down_within_its_memory_budget() {
 }
 
 #[test]
-fn application_calls_the_sidecar_on_loopback() {
+fn application_calls_the_sidecar_where_it_listens() {
     let k8s = K8s::load(K8S_YAML);
     let cfg = Toml::parse("the ConfigMap", k8s.embedded_toml());
     let apps: Vec<&Yaml> = seq(&k8s.pod()["containers"])
@@ -355,10 +387,38 @@ fn application_calls_the_sidecar_on_loopback() {
         .filter(|c| c["name"].as_str() != Some("taskgate"))
         .collect();
     assert!(!apps.is_empty(), "no application container");
-    let want = format!("http://{}", cfg.addr("listen"));
-    for app in apps {
-        let url = named(&app["env"], "VENDOR_BASE_URL").expect("VENDOR_BASE_URL is set");
-        assert_eq!(url["value"].as_str(), Some(want.as_str()));
+    let env = |app: &Yaml, key: &str| {
+        named(&app["env"], key).unwrap_or_else(|| panic!("{key} is set"))["value"]
+            .as_str()
+            .expect("a value")
+            .to_owned()
+    };
+    match cfg.listen() {
+        Listen::Tcp(addr) => {
+            for app in apps {
+                assert_eq!(env(app, "VENDOR_BASE_URL"), format!("http://{addr}"));
+            }
+        }
+        Listen::Unix(socket) => {
+            // The socket lives in an emptyDir both containers mount at its
+            // directory, and the pod's fsGroup lets them open it (0660).
+            let dir = parent(&socket);
+            let (mount, vol) = k8s.mount_of(|v| v.get("emptyDir").is_some());
+            assert_eq!(mount, dir, "the sidecar's socket directory");
+            let volume = vol["name"].as_str().expect("volume name").to_owned();
+            assert!(
+                k8s.pod()["securityContext"]["fsGroup"].as_u64().is_some(),
+                "no fsGroup: the application could not open a 0660 socket"
+            );
+            for app in apps {
+                assert_eq!(env(app, "VENDOR_UNIX_SOCKET"), socket);
+                let mounted = seq(&app["volumeMounts"]).iter().any(|m| {
+                    m["name"].as_str() == Some(volume.as_str())
+                        && m["mountPath"].as_str() == Some(dir.as_str())
+                });
+                assert!(mounted, "the application does not mount {volume} at {dir}");
+            }
+        }
     }
 }
 
@@ -468,8 +528,7 @@ fn dockerfile_exposes_the_ports_its_config_listens_on() {
         .flat_map(str::split_whitespace)
         .map(|p| p.trim_end_matches("/tcp").parse().expect("a port number"))
         .collect();
-    let listening = BTreeSet::from([cfg.addr("listen").port(), cfg.addr("admin_listen").port()]);
-    assert_eq!(exposed, listening);
+    assert_eq!(exposed, cfg.tcp_ports());
 }
 
 #[test]
@@ -499,6 +558,14 @@ fn dockerfile_paths_match_the_kubernetes_config() {
         })
         .collect();
     assert!(volumes.contains(&audit), "VOLUME {volumes:?} lacks {audit}");
+    // A socket's directory must exist in the image (the root is read-only).
+    if let Listen::Unix(socket) = shipped.listen() {
+        let dir = parent(&socket);
+        assert!(
+            text.contains(&format!("/out{dir}")),
+            "the Dockerfile does not create {dir}"
+        );
+    }
 }
 
 #[test]
@@ -637,6 +704,24 @@ fn systemd_unit_matches_its_config() {
             .any(|p| p == state_dir)
     );
     assert_eq!(unit.one("ProtectSystem"), "strict");
+
+    // A data socket goes in the RuntimeDirectory (writable despite
+    // ProtectSystem, removed at stop), which the unit's group may enter.
+    if let Listen::Unix(socket) = cfg.listen() {
+        let run_dir = format!("/run/{}", unit.one("RuntimeDirectory"));
+        assert_eq!(
+            parent(&socket),
+            run_dir,
+            "the socket is outside RuntimeDirectory"
+        );
+        let mode = u32::from_str_radix(unit.one("RuntimeDirectoryMode"), 8).expect("octal mode");
+        assert_eq!(mode & 0o050, 0o050, "the group cannot reach the socket");
+        assert_eq!(mode & 0o007, 0, "others can reach the socket");
+        assert!(
+            !unit.one("Group").is_empty(),
+            "without a static Group= the socket's group is the dynamic one"
+        );
+    }
 
     // The token: a credential, handed over through the environment.
     let cred = unit

@@ -23,9 +23,13 @@
 //!
 //! The audit log is JSON Lines: one record per line, members always present and
 //! always in this order — `seq`, `ts`, `event`, `request_id`, `client`,
-//! `user_id`, `sub_user_id`, `task_id`, `reason`, `note`, `request`, `residue`,
-//! `upstream_status`, `upstream_code`, `upstream_message`, `latency_ms`,
-//! `prev`, `hash` — with `null` for what does not apply. `seq` starts at 1 and
+//! `caller`, `user_id`, `sub_user_id`, `task_id`, `reason`, `note`, `request`,
+//! `residue`, `upstream_status`, `upstream_code`, `upstream_message`,
+//! `latency_ms`, `prev`, `hash` — with `null` for what does not apply.
+//! `caller` (the `[[access.callers]]` name the request authenticated as) was
+//! added after the others, in the place after `client`; lines written before
+//! it lack the member, and `verify` checks them as before, since the hash
+//! covers the line's bytes as written, not a re-serialisation. `seq` starts at 1 and
 //! increases by exactly 1 per record, across restarts and rotations. `ts` is
 //! RFC 3339 UTC with milliseconds (`2026-11-24T06:49:26.123Z`); `event` is
 //! `attempt`, `outcome` or `rejected`; `request` is the parsed request body;

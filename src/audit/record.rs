@@ -13,13 +13,17 @@ use time::macros::format_description;
 pub const GENESIS_PREV: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 /// The members of every line, in the order they are written (tests check it).
+/// `caller` came later than the others, right after `client` (who called:
+/// the peer, then the caller it authenticated as); files written before it
+/// lack the member and still verify, since the hash covers the bytes as written.
 #[cfg(test)]
-pub(crate) const FIELD_ORDER: [&str; 18] = [
+pub(crate) const FIELD_ORDER: [&str; 19] = [
     "seq",
     "ts",
     "event",
     "request_id",
     "client",
+    "caller",
     "user_id",
     "sub_user_id",
     "task_id",
@@ -79,8 +83,11 @@ impl Event {
 pub struct Record {
     pub event: Event,
     pub request_id: String,
-    /// Peer address of the caller.
+    /// Peer address of the caller (`unix:uid=N` on a Unix socket).
     pub client: Option<String>,
+    /// The `name` of the `[[access.callers]]` entry whose key the request
+    /// carried, with caller control on.
+    pub caller: Option<String>,
     pub user_id: Option<String>,
     pub sub_user_id: Option<String>,
     pub task_id: Option<String>,
@@ -109,6 +116,7 @@ impl Record {
             event,
             request_id: request_id.into(),
             client: None,
+            caller: None,
             user_id: None,
             sub_user_id: None,
             task_id: None,
@@ -172,6 +180,7 @@ struct Line<'a> {
     event: Event,
     request_id: &'a str,
     client: Option<&'a str>,
+    caller: Option<&'a str>,
     user_id: Option<&'a str>,
     sub_user_id: Option<&'a str>,
     task_id: Option<&'a str>,
@@ -214,6 +223,7 @@ pub(crate) fn encode_line(
         event: rec.event,
         request_id: &rec.request_id,
         client: rec.client.as_deref(),
+        caller: rec.caller.as_deref(),
         user_id: rec.user_id.as_deref(),
         sub_user_id: rec.sub_user_id.as_deref(),
         task_id: rec.task_id.as_deref(),
@@ -346,7 +356,7 @@ mod tests {
                 "{\"seq\":1,\"ts\":\"2026-11-24T06:49:26.123Z\",\"event\":\"attempt\""
             )
         );
-        assert!(text.contains("\"client\":null"));
+        assert!(text.contains("\"client\":null,\"caller\":null,"));
         assert!(text.contains(&format!("\"prev\":\"{GENESIS_PREV}\"")));
     }
 

@@ -274,6 +274,51 @@ mod tests {
         assert_eq!(verify(&[]).unwrap().records, 0);
     }
 
+    /// A line as written before the `caller` member existed, by the
+    /// canonical form documented in `audit/mod.rs`.
+    fn line_without_caller(seq: u64, prev: &HexHash) -> (Vec<u8>, HexHash) {
+        use sha2::{Digest, Sha256};
+        let body = format!(
+            "{{\"seq\":{seq},\"ts\":\"2026-11-24T06:49:26.123Z\",\"event\":\"attempt\",\
+             \"request_id\":\"old-{seq}\",\"client\":\"127.0.0.1:1\",\"user_id\":null,\
+             \"sub_user_id\":null,\"task_id\":null,\"reason\":null,\"note\":null,\
+             \"request\":null,\"residue\":null,\"upstream_status\":null,\
+             \"upstream_code\":null,\"upstream_message\":null,\"latency_ms\":null,\
+             \"prev\":\"{}\"}}",
+            std::str::from_utf8(prev).unwrap()
+        );
+        let mut h = Sha256::new();
+        h.update(prev);
+        h.update(body.as_bytes());
+        let hash: HexHash = hex::encode(h.finalize()).as_bytes().try_into().unwrap();
+        let line = format!(
+            "{},\"hash\":\"{}\"}}\n",
+            &body[..body.len() - 1],
+            std::str::from_utf8(&hash).unwrap()
+        );
+        (line.into_bytes(), hash)
+    }
+
+    #[test]
+    fn a_file_from_before_the_caller_member_verifies_and_continues() {
+        let dir = tempfile::tempdir().unwrap();
+        let (first, h1) = line_without_caller(1, &GENESIS);
+        let (second, h2) = line_without_caller(2, &h1);
+        // The upgraded gateway continues the same file with the new member.
+        let mut third = Vec::new();
+        let rec = Record {
+            caller: Some("billing".into()),
+            ..Record::attempt("new-3")
+        };
+        encode_line(&mut third, 3, "2026-11-24T06:49:27.000Z", &rec, &h2).unwrap();
+        assert!(
+            String::from_utf8_lossy(&third).contains("\"client\":null,\"caller\":\"billing\",")
+        );
+        let p = write(dir.path(), "a.jsonl", &[first, second, third]);
+        let r = verify(&[p]).unwrap();
+        assert_eq!((r.records, r.first_seq, r.last_seq), (3, Some(1), Some(3)));
+    }
+
     #[test]
     fn one_character_changed_is_a_bad_hash_on_that_line() {
         let dir = tempfile::tempdir().unwrap();

@@ -56,6 +56,8 @@ fn is_dropped(name: &HeaderName, connection_named: &[&str]) -> bool {
     DROPPED.contains(name)
         || name.as_str() == "keep-alive"
         || name.as_str() == "proxy-connection"
+        // taskgate's own request headers (`X-Taskgate-Dry-Run`) are for taskgate.
+        || name.as_str().starts_with("x-taskgate-")
         || connection_named
             .iter()
             .any(|n| name.as_str().eq_ignore_ascii_case(n))
@@ -248,6 +250,7 @@ mod tests {
         );
         h.insert("x-request-id", HeaderValue::from_static("spoofed"));
         h.insert(header::USER_AGENT, HeaderValue::from_static("svc/1"));
+        h.insert("x-taskgate-dry-run", HeaderValue::from_static("false"));
         h.insert(
             header::ACCEPT_ENCODING,
             HeaderValue::from_static("gzip, br"),
@@ -268,6 +271,7 @@ mod tests {
             "keep-alive",
             "transfer-encoding",
             "host",
+            "x-taskgate-dry-run",
         ] {
             assert!(!out.contains_key(gone), "{gone} must be dropped");
         }

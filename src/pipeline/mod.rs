@@ -2,7 +2,9 @@
 //! the outer handler (request id, error mapping, access log); `update` is the
 //! straight line of stages, each a `?`.
 
+pub mod access;
 pub mod body;
+pub mod dry_run;
 pub mod forward;
 pub mod rate_limit;
 pub mod residue;
@@ -41,6 +43,10 @@ use tokio::sync::oneshot::error::TryRecvError;
 pub struct Exchange {
     pub request_id: String,
     pub client: Peer,
+    /// The `[[access.callers]]` name the request authenticated as.
+    pub caller: Option<String>,
+    /// `X-Taskgate-Dry-Run: true`: answered before forwarding, never audited.
+    pub dry_run: bool,
     pub route: Option<TaskRoute>,
     pub sub_user_id: Option<Uuid>,
     /// The parsed body, for the audit record.
@@ -58,7 +64,8 @@ pub struct Exchange {
 /// How far a request got, which decides what the audit log gets on error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stage {
-    /// Refused before its body was looked at (404, 405, overloaded): no record.
+    /// Refused before its body was looked at (404, 405, invalid_header,
+    /// overloaded): no record.
     Routing,
     /// A mutation under examination: a refusal is a `rejected` record.
     Examined,
@@ -71,6 +78,7 @@ impl Exchange {
     fn record(&self, event: Event) -> Record {
         Record {
             client: Some(self.client.to_string()),
+            caller: self.caller.clone(),
             user_id: self.route.map(|r| r.user_id.to_string()),
             sub_user_id: self.sub_user_id.map(|s| s.to_string()),
             task_id: self.route.map(|r| r.task_id.to_string()),
@@ -123,6 +131,8 @@ async fn process(
     let mut ex = Exchange {
         request_id,
         client,
+        caller: None,
+        dry_run: false,
         route: None,
         sub_user_id: None,
         request: None,
@@ -147,7 +157,8 @@ async fn process(
         Ok(resp) => (resp, None),
         Err(err) => {
             let reason = err.reason();
-            if ex.stage == Stage::Examined {
+            // A dry run changes nothing, so a refused one leaves no record.
+            if ex.stage == Stage::Examined && !ex.dry_run {
                 // Not waited for: a refusal is answered at once.
                 state.audit.append(Record {
                     reason: Some(reason.to_owned()),
@@ -193,11 +204,13 @@ async fn process(
         ts: &now_rfc3339(),
         request_id: &ex.request_id,
         client: ex.client.to_string(),
+        caller: ex.caller.as_deref(),
         method: method.as_str(),
         // Bounded so a hostile path cannot bloat the log.
         path: truncate(&path, 512),
         status,
         reason,
+        dry_run: ex.dry_run,
         user_id: ex.route.map(|r| r.user_id.to_string()),
         task_id: ex.route.map(|r| r.task_id.to_string()),
         latency_ms: ms(elapsed),
@@ -208,9 +221,9 @@ async fn process(
     resp
 }
 
-/// The stages. Nothing reaches `forward` that was not routed, read,
-/// validated, admitted by the rate limit and the residue rule, and durably
-/// recorded first.
+/// The stages. Nothing reaches `forward` that was not routed, let through
+/// by caller control, read, validated, admitted by the rate limit and the
+/// residue rule, and durably recorded first.
 async fn update(
     state: &Arc<State>,
     live: &Arc<Live>,
@@ -221,8 +234,22 @@ async fn update(
     // Only the one known route with canonical ids; 404/405 otherwise.
     let route = router::route(req.method(), req.uri())?;
     ex.route = Some(route);
+    // Known before any stage can refuse the request, since a dry run leaves
+    // no audit record, refused or not; an unknown value is 400.
+    ex.dry_run = dry_run::requested(req.headers())?;
     ex.stage = Stage::Examined;
-    let (parts, incoming) = req.into_parts();
+    let (mut parts, incoming) = req.into_parts();
+
+    // Caller control before the body is read, so a refused caller costs
+    // nothing: the peer's uid and the caller's key (403/401), then whether
+    // the gateway and that caller may act for this user (403).
+    let access = &live.config.access;
+    let caller = access::identify(access, &ex.client, &parts.headers)?;
+    ex.caller = caller.map(|c| c.name.clone());
+    access::authorize(access, caller, route.user_id)?;
+    // The caller's key has done its job; it must not travel any further
+    // (forward drops every client Authorization anyway).
+    parts.headers.remove(header::AUTHORIZATION);
 
     // Framing, media type, size, one JSON object: 400/415/413/400. The body
     // must arrive within the header timeout too, or a slow sender holds a
@@ -311,6 +338,25 @@ async fn update(
         )
         .await?;
     ex.shared_degraded |= degraded;
+
+    // A dry run ends here, every check made: nothing is forwarded or
+    // recorded, and the line (lock and shared lease) goes now rather than
+    // after a vendor call.
+    if ex.dry_run {
+        state
+            .residue
+            .release_unused(state.shared.as_deref(), hold)
+            .await;
+        let residue = match &verdict {
+            Verdict::Checked { residue, .. } => Some(*residue),
+            Verdict::Disabled | Verdict::UnavailableAllowed => None,
+        };
+        let mut resp = dry_run::answer(residue, task.maximumcall);
+        let h = resp.headers_mut();
+        h.insert("ratelimit-limit", HeaderValue::from(limit));
+        h.insert("ratelimit-remaining", HeaderValue::from(remaining));
+        return Ok(resp);
+    }
 
     // The attempt is on disk before a byte goes to the vendor: 503 if not
     // (a stalled disk included). A caller that has hung up by now gets

@@ -119,7 +119,10 @@ impl Lines {
 /// A running `taskgate serve`.
 pub struct Gateway {
     child: Option<Child>,
+    /// The data listener; `0.0.0.0:0` (which nothing answers) when it is a
+    /// Unix socket, whose path is then in `socket`.
     pub addr: SocketAddr,
+    pub socket: Option<PathBuf>,
     pub admin: SocketAddr,
     pub dir: tempfile::TempDir,
     pub config_path: PathBuf,
@@ -189,11 +192,12 @@ impl GatewayBuilder {
             .wait_for("the ready line", |l| l.contains("taskgate ready"))
             .await;
         let v: Value = serde_json::from_str(&ready).expect("ready line is JSON");
-        let addr = v["listen"]
-            .as_str()
-            .expect("listen field")
-            .parse()
-            .expect("addr");
+        let listen = v["listen"].as_str().expect("listen field");
+        let socket = listen.strip_prefix("unix:").map(PathBuf::from);
+        let addr = match socket {
+            Some(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
+            None => listen.parse().expect("addr"),
+        };
         let admin = v["admin_listen"]
             .as_str()
             .expect("admin field")
@@ -202,6 +206,7 @@ impl GatewayBuilder {
         Gateway {
             child: Some(child),
             addr,
+            socket,
             admin,
             dir,
             config_path,
