@@ -19,6 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 
+use support::raw::{RawResponse, find, parse_responses};
 use support::*;
 
 /// Low, so a stalled exchange is cut off quickly; waits below are bounded by it.
@@ -45,73 +46,6 @@ async fn gateway(upstream: &str, extra: &str) -> Gateway {
 // ---------------------------------------------------------------------------
 // Raw HTTP/1.1 on a TCP stream
 // ---------------------------------------------------------------------------
-
-/// One response as it came off the wire.
-#[derive(Debug, Clone)]
-struct RawResponse {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-    /// The whole declared body arrived.
-    complete: bool,
-}
-
-impl RawResponse {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn reason(&self) -> String {
-        serde_json::from_slice::<serde_json::Value>(&self.body)
-            .ok()
-            .and_then(|v| v["data"]["reason"].as_str().map(str::to_owned))
-            .unwrap_or_default()
-    }
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
-}
-
-/// Splits what a connection returned into responses. Content-Length framing
-/// is all taskgate (and hyper's own error answers) use; 1xx has no body.
-fn parse_responses(mut bytes: &[u8]) -> Vec<RawResponse> {
-    let mut out = Vec::new();
-    while let Some(end) = find(bytes, b"\r\n\r\n") {
-        let head = String::from_utf8_lossy(&bytes[..end]).into_owned();
-        let mut lines = head.split("\r\n");
-        let status: u16 = lines
-            .next()
-            .and_then(|l| l.split(' ').nth(1))
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        let headers: Vec<(String, String)> = lines
-            .filter_map(|l| l.split_once(':'))
-            .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
-            .collect();
-        let rest = &bytes[end + 4..];
-        let declared = if (100..200).contains(&status) {
-            Some(0)
-        } else {
-            headers
-                .iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
-                .and_then(|(_, v)| v.parse::<usize>().ok())
-        };
-        let len = declared.unwrap_or(rest.len()).min(rest.len());
-        out.push(RawResponse {
-            status,
-            headers,
-            body: rest[..len].to_vec(),
-            complete: declared.is_some_and(|d| d == len),
-        });
-        bytes = &rest[len..];
-    }
-    out
-}
 
 /// What one raw connection got back.
 #[derive(Debug)]

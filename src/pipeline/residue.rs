@@ -64,6 +64,15 @@ pub enum LookupResult {
 }
 
 impl LookupResult {
+    /// How a shared fetch ended for one of its callers.
+    fn of<T, E>(result: &Result<T, E>, fetched: bool) -> LookupResult {
+        match (result, fetched) {
+            (Err(_), _) => LookupResult::Error,
+            (Ok(_), true) => LookupResult::Miss,
+            (Ok(_), false) => LookupResult::Hit,
+        }
+    }
+
     /// The `result` label of `taskgate_residue_lookups_total`.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -307,11 +316,7 @@ impl ResidueGate {
             }
             None => {
                 let (result, fetched) = self.fetch_once(cfg, lookup, key).await;
-                on_lookup(match (&result, fetched) {
-                    (Err(_), _) => LookupResult::Error,
-                    (Ok(_), true) => LookupResult::Miss,
-                    (Ok(_), false) => LookupResult::Hit,
-                });
+                on_lookup(LookupResult::of(&result, fetched));
                 let lines = match result {
                     Ok(lines) => lines,
                     Err(e) => {
@@ -398,14 +403,7 @@ impl ResidueGate {
         key: ListKey,
     ) -> (Result<Arc<LineList>, LookupError>, bool) {
         let cell = lock(&self.fetching).entry(key).or_default().clone();
-        let mut fetched = false;
-        let result = cell
-            .get_or_init(|| {
-                fetched = true;
-                fetch(cfg, lookup, key)
-            })
-            .await
-            .clone();
+        let (result, fetched) = fill(&cell, cfg, lookup, key).await;
         let mut fetching = lock(&self.fetching);
         if fetching.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
             fetching.remove(&key);
@@ -536,19 +534,8 @@ impl ResidueGate {
                 }
             }
         };
-        let mut fetched = false;
-        let result = cell
-            .get_or_init(|| {
-                fetched = true;
-                fetch(cfg, lookup, key)
-            })
-            .await
-            .clone();
-        on_lookup(match (&result, fetched) {
-            (Err(_), _) => LookupResult::Error,
-            (Ok(_), true) => LookupResult::Miss,
-            (Ok(_), false) => LookupResult::Hit,
-        });
+        let (result, fetched) = fill(&cell, cfg, lookup, key).await;
+        on_lookup(LookupResult::of(&result, fetched));
         if result.is_err() {
             // Concurrent waiters share this failure; the next request retries.
             let mut cache = lock(&self.cache);
@@ -558,6 +545,25 @@ impl ResidueGate {
         }
         result
     }
+}
+
+/// The list in `cell`, fetched by this caller if nobody has yet (single
+/// flight); says whether this caller fetched it.
+async fn fill(
+    cell: &Cell,
+    cfg: &ResidueConfig,
+    lookup: Lookup<'_>,
+    key: ListKey,
+) -> (Result<Arc<LineList>, LookupError>, bool) {
+    let mut fetched = false;
+    let result = cell
+        .get_or_init(|| {
+            fetched = true;
+            fetch(cfg, lookup, key)
+        })
+        .await
+        .clone();
+    (result, fetched)
 }
 
 async fn fetch(

@@ -4,6 +4,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod process;
+pub mod raw;
 pub mod redis;
 
 use std::io::{BufRead, BufReader};
