@@ -169,7 +169,7 @@ impl Default for Metrics {
         );
         registry.register(
             "shared_up",
-            "1 while the shared state (Redis) answers, 0 while shared.on_unavailable applies",
+            "1 while the shared state (Redis) answers; 0 while it does not (shared.on_unavailable applies) and when [shared] is not configured",
             m.shared_up.clone(),
         );
         registry.register(
