@@ -213,11 +213,22 @@ impl ResidueGate {
         let started = Instant::now();
         let hold = self.hold_line(shared, key, line, lease_for, wait).await?;
         on_wait(started.elapsed());
+        let mut hold = hold;
         let mut degraded = hold.degraded;
+        let seen = hold.lease.as_mut().and_then(Lease::take_seen);
         let verdict = match shared {
             Some(shared) if hold.lease.is_some() => {
                 match self
-                    .check_shared(shared, cfg, lookup, key, line, maximumcall, &on_lookup)
+                    .check_shared(
+                        shared,
+                        cfg,
+                        lookup,
+                        key,
+                        line,
+                        maximumcall,
+                        seen,
+                        &on_lookup,
+                    )
                     .await
                 {
                     Ok(Ok(verdict)) => verdict,
@@ -303,12 +314,16 @@ impl ResidueGate {
         key: ListKey,
         line: Uuid,
         maximumcall: i64,
+        seen: Option<(Option<i64>, i64)>,
         on_lookup: impl Fn(LookupResult),
     ) -> Result<Result<Verdict, Error>, Unavailable> {
         if !cfg.enabled {
             return Ok(Ok(Verdict::Disabled));
         }
-        let (cached, generation) = shared.cached_residue(key.0, key.1, line).await?;
+        let (cached, generation) = match seen {
+            Some(seen) => seen,
+            None => shared.cached_residue(key.0, key.1, line).await?,
+        };
         let residue = match cached {
             Some(residue) => {
                 on_lookup(LookupResult::Hit);
@@ -378,13 +393,18 @@ impl ResidueGate {
         self.invalidate(key, line);
         let decrement =
             (accepted && cfg.after_update == AfterUpdate::Decrement).then_some(maximumcall);
-        let settled = shared
-            .settle_line(key.0, key.1, line, decrement, gen_ttl)
-            .await
-            .is_ok();
-        if settled && answer_known {
-            shared.release_line(lease).await;
-        }
+        // Settled and released in one round trip; if the settle fails the
+        // lease is not released (the script does both or neither).
+        let _ = shared
+            .settle_line(
+                key.0,
+                key.1,
+                line,
+                decrement,
+                gen_ttl,
+                answer_known.then_some(lease),
+            )
+            .await;
     }
 
     /// Lets go of a line held for an update that was refused before anything

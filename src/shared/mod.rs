@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{AsyncCommands, IntoConnectionInfo, RedisResult, Script};
+use redis::{IntoConnectionInfo, RedisResult, Script};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -64,6 +64,16 @@ pub type LineKey = (Uuid, Option<Uuid>, Uuid);
 pub struct Lease {
     key: String,
     token: String,
+    /// Read with the lease, in its round trip: the line's cached residue and
+    /// the list's generation, for the residue check that follows.
+    seen: Option<(Option<i64>, i64)>,
+}
+
+impl Lease {
+    /// What was read with the lease (once).
+    pub fn take_seen(&mut self) -> Option<(Option<i64>, i64)> {
+        self.seen.take()
+    }
 }
 
 /// How a wait for a line ended.
@@ -91,6 +101,7 @@ pub struct SharedState {
     down_logged: AtomicBool,
     metrics: Arc<Metrics>,
     gcra: Script,
+    lease: Script,
     release: Script,
     fill: Script,
     settle: Script,
@@ -142,6 +153,7 @@ impl SharedState {
             down_logged: AtomicBool::new(false),
             metrics,
             gcra: Script::new(scripts::GCRA),
+            lease: Script::new(scripts::LEASE),
             release: Script::new(scripts::RELEASE),
             fill: Script::new(scripts::FILL),
             settle: Script::new(scripts::SETTLE),
@@ -338,25 +350,37 @@ impl SharedState {
         let token = Uuid::new_v4().to_string();
         let deadline = tokio::time::Instant::now() + wait;
         let hold_ms = u64::try_from(hold.as_millis()).unwrap_or(u64::MAX);
+        let list = self.user_key(user, "lines", sub);
+        let gen_key = self.user_key(user, "gen", sub);
+        let field = line.to_string();
+        // One round trip: the lease if free, with what the check reads next;
+        // else how long the holder has left.
         let try_take = || {
             let (k, t) = (lease_key.clone(), token.clone());
+            let (list, gen_key, field) = (list.clone(), gen_key.clone(), field.clone());
             self.call("lease", move |mut c| async move {
-                let set: Option<String> = redis::cmd("SET")
-                    .arg(&k)
+                let (taken, residue, generation, left): (i64, Option<i64>, i64, i64) = self
+                    .lease
+                    .key(&k)
+                    .key(&list)
+                    .key(&gen_key)
                     .arg(&t)
-                    .arg("NX")
-                    .arg("PX")
                     .arg(hold_ms)
-                    .query_async(&mut c)
+                    .arg(&field)
+                    .invoke_async(&mut c)
                     .await?;
-                Ok(set.is_some())
+                Ok((taken == 1).then_some((residue, generation)).ok_or(left))
             })
         };
-        if try_take().await? {
-            return Ok(LeaseOutcome::Acquired(Lease {
-                key: lease_key,
-                token,
-            }));
+        let acquired = |seen| {
+            LeaseOutcome::Acquired(Lease {
+                key: lease_key.clone(),
+                token: token.clone(),
+                seen: Some(seen),
+            })
+        };
+        if let Ok(seen) = try_take().await? {
+            return Ok(acquired(seen));
         }
         // Contended: listen for the release before looking again, so one
         // published between our look and our wait is not missed.
@@ -373,20 +397,14 @@ impl SharedState {
             pubsub = None;
         }
         loop {
-            if try_take().await? {
-                return Ok(LeaseOutcome::Acquired(Lease {
-                    key: lease_key,
-                    token,
-                }));
-            }
+            let ttl_ms = match try_take().await? {
+                Ok(seen) => return Ok(acquired(seen)),
+                Err(left) => left,
+            };
             let now = tokio::time::Instant::now();
             if now >= deadline {
                 return Ok(LeaseOutcome::TimedOut);
             }
-            let k = lease_key.clone();
-            let ttl_ms: i64 = self
-                .call("lease_ttl", move |mut c| async move { c.pttl(&k).await })
-                .await?;
             // The holder's remaining time bounds the wait; without pub/sub
             // (it could not be set up) that is the only wake-up.
             let backstop = Duration::from_millis(u64::try_from(ttl_ms).unwrap_or(0).max(1));
@@ -471,7 +489,9 @@ impl SharedState {
 
     /// After an update of `line`: lowers its cached residue by `decrement`
     /// (an accepted update with `after_update = "decrement"`), or forgets
-    /// it; the other lines stay. `gen_ttl` must outlive any fill in flight.
+    /// it; the other lines stay. With `release`, the lease goes in the same
+    /// round trip, after the line is settled. `gen_ttl` must outlive any
+    /// fill in flight.
     pub async fn settle_line(
         &self,
         user: Uuid,
@@ -479,6 +499,7 @@ impl SharedState {
         line: Uuid,
         decrement: Option<i64>,
         gen_ttl: Duration,
+        release: Option<Lease>,
     ) -> Result<(), Unavailable> {
         let list = self.user_key(user, "lines", sub);
         let gen_key = self.user_key(user, "gen", sub);
@@ -487,14 +508,17 @@ impl SharedState {
             .max(1);
         let _: i64 = self
             .call("lines_settle", |mut c| async move {
-                self.settle
-                    .key(&list)
-                    .key(&gen_key)
+                let mut inv = self.settle.key(&list);
+                inv.key(&gen_key)
                     .arg(line.to_string())
                     .arg(decrement.unwrap_or(0).max(0))
-                    .arg(ttl_ms)
-                    .invoke_async(&mut c)
-                    .await
+                    .arg(ttl_ms);
+                if let Some(lease) = &release {
+                    inv.key(&lease.key)
+                        .key(format!("{}:released", lease.key))
+                        .arg(&lease.token);
+                }
+                inv.invoke_async(&mut c).await
             })
             .await?;
         Ok(())

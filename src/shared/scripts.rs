@@ -49,6 +49,18 @@ end
 return {1, burst, math.floor(diff / interval), 0}
 "#;
 
+/// Takes a line lease if it is free and, in the same round trip, reads what
+/// the residue check needs next: the line's cached residue and the list's
+/// generation. KEYS[1] the lease, KEYS[2] the list, KEYS[3] the generation;
+/// ARGV: owner token, lease ms, line.
+/// Returns {1, residue or nil, generation, 0} or {0, nil, 0, lease ms left}.
+pub const LEASE: &str = r#"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return {1, redis.call('HGET', KEYS[2], ARGV[3]), tonumber(redis.call('GET', KEYS[3]) or '0'), 0}
+end
+return {0, false, 0, redis.call('PTTL', KEYS[1])}
+"#;
+
 /// Releases a line lease if we still hold it, and wakes the waiters.
 /// KEYS[1] the lease, KEYS[2] its channel; ARGV[1] our owner token.
 pub const RELEASE: &str = r#"
@@ -84,6 +96,9 @@ return 1
 /// `after_update = "decrement"`) lowers that line's cached residue by it,
 /// otherwise forgets the line; either way moves the generation so a fill
 /// already in flight is dropped. Other lines stay cached.
+/// With KEYS[3] (the lease) and KEYS[4] (its channel) and ARGV[4] (our
+/// owner token), also releases the lease in the same round trip, after the
+/// line is settled.
 /// KEYS[1] the list, KEYS[2] the generation; ARGV: line, decrement, gen TTL ms.
 pub const SETTLE: &str = r#"
 local dec = tonumber(ARGV[2])
@@ -94,5 +109,9 @@ else
 end
 redis.call('INCR', KEYS[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
+if KEYS[3] and redis.call('GET', KEYS[3]) == ARGV[4] then
+  redis.call('DEL', KEYS[3])
+  redis.call('PUBLISH', KEYS[4], '1')
+end
 return 1
 "#;
