@@ -61,15 +61,23 @@ fn yaml(rel: &str) -> Yaml {
     serde_yaml::from_str(&read(rel)).unwrap_or_else(|e| panic!("{rel} is not YAML: {e}"))
 }
 
-/// shared/ beside the repository (the developers' and CI's layout).
+/// The product contract and the vendor's page, as the tests were written
+/// against them: copies under `tests/fixtures/shared/` (a checkout alone must
+/// pass). Where the project's `shared/` sits beside the repository (the
+/// developers' layout), the copy must still equal it, so a changed contract
+/// is noticed here first.
 fn shared(rel: &str) -> String {
-    let path = repo("../shared").join(rel);
-    std::fs::read_to_string(&path).unwrap_or_else(|e| {
-        panic!(
-            "read {}: {e} (shared/ is expected beside the repository)",
-            path.display()
-        )
-    })
+    let fixture = repo("tests/fixtures/shared").join(rel);
+    let text = std::fs::read_to_string(&fixture)
+        .unwrap_or_else(|e| panic!("read {}: {e}", fixture.display()));
+    if let Ok(source) = std::fs::read_to_string(repo("../shared").join(rel)) {
+        assert!(
+            source == text,
+            "{} differs from ../shared/{rel}: copy the new version in and review what changed",
+            fixture.display()
+        );
+    }
+    text
 }
 
 /// A tool on PATH. Missing: a failure under CI, a loud skip elsewhere.
