@@ -5,6 +5,7 @@
 //! Dependencies point down this list only (no module imports one above it):
 //!
 //! - [`cli`]: the subcommands (`serve`, `check`, `audit verify`, `mock-upstream`, `demo`).
+//! - [`mock_vendor`]: the vendor emulator behind `mock-upstream`, `demo` and the tests.
 //! - [`signals`]: SIGTERM/SIGINT/SIGHUP, caught before start-up begins.
 //! - [`app`]: composes the shared state, owns every task, shuts down in order.
 //! - [`reload`]: SIGHUP's re-read of the config file, and what it changed.
@@ -17,11 +18,11 @@
 //! - [`shared`]: Redis for what every replica must share (buckets, line leases, line lists).
 //! - [`audit`]: the durable, hash-chained audit log, its sync thread and `verify`.
 //! - [`access_log`]: one JSON line per request on stdout, written off the request path.
-//! - [`mock_vendor`]: the vendor emulator behind `mock-upstream`, `demo` and the tests.
 //! - leaves, importing nothing above them: [`config`] (the TOML file and
 //!   `TASKGATE_*` overrides, validated into typed fields), [`error`] (the
 //!   request error and its single mapping to the envelope), [`metrics`],
-//!   [`secret`] (the token), [`peer`], [`ids`], [`telemetry`].
+//!   [`secret`] (the token, caller keys, the Redis URL), [`peer`], [`ids`],
+//!   [`telemetry`].
 #![forbid(unsafe_code)]
 
 pub mod access_log;
