@@ -1,13 +1,21 @@
 //! The audit log: a durable, tamper-evident JSON Lines record of every mutation
-//! (DESIGN.md "Audit log"), written by the request path with a group-committing
-//! sync thread, and checked by [`verify`].
+//! (DESIGN.md "Audit log"): requests encode and chain their records into a
+//! batch in memory; one sync thread writes, syncs and checks the file; checked
+//! by [`verify`].
 //!
 //! # Layout
 //!
 //! - `record.rs` — [`Record`] (what the pipeline knows), the line format and the
-//!   hash chain's canonical bytes, shared by the writer and `verify`.
-//! - `writer.rs` — [`AuditLog`] (the cheap handle, which writes), [`AuditWriterTask`]
-//!   (the sync thread, owned by the app), resume at start-up, rotation, recovery.
+//!   hash chain's canonical bytes, shared by the writer and `verify`;
+//!   [`bounded_request`] for refusals.
+//! - `writer.rs` — [`AuditLog`], the cheap handle the request path calls (memory
+//!   only), and [`AuditWriterTask`], the sync thread's owner.
+//! - `sync.rs` — the sync thread: one `write` per batch, group commit, the
+//!   identity check before every acknowledgement, replacement of a removed or
+//!   renamed file, rotation, the readiness proof, failures.
+//! - `recover.rs` — open and lock the active file, find the chain head among the
+//!   files beside it, skip a torn tail.
+//! - `rotation.rs` — rotated names (shared with `verify`) and `keep_files`.
 //! - `verify.rs` — [`verify`] for `taskgate audit verify FILE...`.
 //!
 //! # Using it
@@ -15,8 +23,9 @@
 //! [`AuditLog::start`] at start-up (it never fails: an unwritable log starts
 //! "not writable" and recovers by itself); `append_durable(Record::attempt(..))`
 //! before forwarding, answering 503 `audit_unavailable` on `Err`;
-//! `append(Record::outcome(..))` / `append(Record::rejected(..))` afterwards,
-//! which never wait; [`AuditLog::is_writable`] for readyz; and
+//! `append_written(Record::outcome(..))` before answering (written to the OS,
+//! not synced); `append(Record::rejected(..))`, which never waits and is rate
+//! limited; [`AuditLog::is_writable`] for readyz; and
 //! [`AuditWriterTask::shutdown`] after the listeners have drained.
 //!
 //! # Format and hash chain
@@ -60,37 +69,40 @@
 //! record of the new file has the last hash of the old one as `prev`. Rotated
 //! names sort (as text and as numbers) in chronological order and before the
 //! active file, so `taskgate audit verify taskgate-audit*.jsonl` checks the
-//! whole log in order. taskgate never deletes rotated files; archive or remove
-//! the oldest ones as you wish: verifying a tail works (see below).
+//! whole log in order. With `audit.keep_files = N` the oldest rotated files
+//! beyond N are deleted after each rotation (0 keeps all); verifying the tail
+//! that remains works (see below).
 //!
 //! # Durability and failures
 //!
-//! Every record is written by its caller, under one lock, with one `write`.
-//! `fsync = "always"` (default): an `attempt` is acknowledged only after its
-//! line is `fdatasync`ed; the sync thread runs one sync for all the attempts
-//! written meanwhile (group commit), and when they arrive concurrently it
-//! waits a short window for more to join. `"interval"`:
-//! attempts are acknowledged once written to the OS and the file is synced
-//! about a second later; `"never"`: written to the OS only, synced at
-//! shutdown. `outcome` and `rejected` records never wait for the disk.
+//! Requests never touch the file: a request appends its encoded line to the
+//! batch under a lock that guards memory only, and the sync thread writes each
+//! batch with one `write`. `fsync = "always"` (default): an `attempt` is
+//! acknowledged only after one `fdatasync` covering it (group commit, with a
+//! short window when attempts arrive concurrently) and after the check that
+//! the file written is still the one at `audit.path`. `"interval"`/`"never"`:
+//! acknowledged once written to the OS, synced about a second later / at
+//! shutdown. An `outcome` waits for its write (not a sync); a `rejected` record
+//! waits for nothing.
 //!
-//! If a write fails, the record is truncated away; with `always`, a failed
-//! write or sync takes the file back to the last synced record (unsynced
-//! outcomes go too). `seq` and `prev` go back with it, waiting attempts get
-//! an error (the gateway answers 503 and forwards nothing), unacknowledged
-//! records are dropped and counted, and the log is "not writable" (readyz
-//! fails) until the sync thread re-opens it, which it tries every second. A log that cannot be opened
-//! at start-up does not stop start-up; it is treated the same way. (Should the
-//! truncation fail too, the re-open resumes after whatever complete records the
-//! file holds, so an `attempt` whose caller got an error may remain: an
-//! `attempt` without an `outcome` means "not known to have been forwarded".)
-//! An advisory lock (`flock`) on the active file keeps a second process from
-//! writing to the same log: it stays "not writable".
+//! A failed write takes back only its own batch; a failed sync (with
+//! `always`) takes the file back to the last synced record (unsynced outcomes
+//! go too). `seq` and `prev` go back with it, waiting attempts get an error
+//! (the gateway answers 503 and forwards nothing), records queued behind are
+//! dropped and counted, and the log is "not writable" (readyz fails) until a
+//! re-open is proven by a real write and sync, tried every second. A log that
+//! cannot be opened at start-up does not stop start-up; it is treated the same
+//! way. An advisory lock (`flock`) on the active file keeps a second process
+//! from writing to the same log: it stays "not writable".
 //!
-//! On start the writer resumes `seq` and the chain from the last complete
-//! record — in the active file, or in the newest rotated file if the active one
-//! is missing or empty. A torn final line (a crash mid-write: no trailing
-//! newline, or not a complete record) is reported and left in place; the next
+//! If the file at `audit.path` was removed, renamed or replaced underneath, the
+//! chain continues in a new file there; a deleted file's records are re-written
+//! into it from the open descriptor first.
+//!
+//! On start the writer resumes `seq` and the chain from the record with the
+//! highest `seq` in the active file and every file beside it whose name
+//! starts with its stem; with none, it starts a new chain and says so. A torn
+//! final line (a crash mid-write) is reported and left in place; the next
 //! write starts on a new line, and the next record's `prev` links to the last
 //! complete record before the torn line.
 //!
