@@ -615,7 +615,7 @@ async fn redis_never_holds_the_token_or_a_request_body() {
     assert_eq!(statuses, [200, 409, 200, 429]);
 
     let dump = redis.dump().await;
-    let sent = monitor.finish().await;
+    let sent = monitor.finish(&redis).await;
     assert!(
         dump.iter().any(|(k, ..)| k.contains(":rl:"))
             && dump.iter().any(|(k, ..)| k.contains(":lines:")),
@@ -821,7 +821,7 @@ async fn a_waiting_gateway_is_woken_by_the_release_not_the_lease_running_out() {
         "B went through {b_done:?} after A's update reached the vendor (A held it {hold:?})"
     );
     // Woken, not polling: a handful of calls on the lease while B waited.
-    let sent = monitor.finish().await;
+    let sent = monitor.finish(&redis).await;
     let on_lease: Vec<&String> = sent.iter().filter(|l| l.contains(":lease:")).collect();
     assert!(
         on_lease.len() <= 20,

@@ -251,12 +251,24 @@ pub struct Monitor {
 }
 
 impl Monitor {
-    /// Stops watching (after a last read of what is buffered) and returns
-    /// every line seen.
-    pub async fn finish(mut self) -> Vec<String> {
-        // MONITOR output is written as the commands run; give the socket a
-        // moment to deliver the last of it.
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    /// Stops watching once everything sent to `redis` before this call has
+    /// been seen (a marker command is sent last and waited for, bounded) and
+    /// returns every line seen.
+    pub async fn finish(mut self, redis: &Redis) -> Vec<String> {
+        let marker = format!("monitor-end-{}", std::process::id());
+        redis.command(&["ECHO", &marker]).await;
+        let seen = |lines: &Arc<Mutex<Vec<String>>>| {
+            lines.lock().unwrap().iter().any(|l| l.contains(&marker))
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !seen(&self.lines) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "MONITOR never showed the marker command"
+            );
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         self.done.store(true, Ordering::Release);
         if let Some(t) = self.thread.take() {
             let _ = tokio::task::spawn_blocking(move || t.join()).await;
