@@ -17,7 +17,14 @@ use crate::error::Error;
 /// `Content-Length` and `Transfer-Encoding`, or a transfer coding other than
 /// a lone `chunked`. hyper would pick one reading; the vendor (or a proxy on
 /// the way) might pick the other, so nothing of it becomes a mutation.
-pub fn check_head(headers: &HeaderMap) -> Result<(), Error> {
+/// `raw_head_ambiguous`: the connection saw both headers in the raw head
+/// (hyper drops the `Content-Length` of such a request before we see it).
+pub fn check_head(headers: &HeaderMap, raw_head_ambiguous: bool) -> Result<(), Error> {
+    if raw_head_ambiguous {
+        return Err(Error::InvalidFraming {
+            detail: "both Content-Length and Transfer-Encoding",
+        });
+    }
     let mut codings = headers.get_all(header::TRANSFER_ENCODING).iter().peekable();
     if codings.peek().is_none() {
         return Ok(());
@@ -155,10 +162,14 @@ mod tests {
 
     #[test]
     fn ambiguous_framing_is_refused() {
-        assert!(check_head(&HeaderMap::new()).is_ok());
-        assert!(check_head(&with(&[("content-length", "3")])).is_ok());
-        assert!(check_head(&with(&[("transfer-encoding", "chunked")])).is_ok());
-        assert!(check_head(&with(&[("transfer-encoding", " Chunked ")])).is_ok());
+        assert!(check_head(&HeaderMap::new(), false).is_ok());
+        assert!(matches!(
+            check_head(&HeaderMap::new(), true),
+            Err(Error::InvalidFraming { .. })
+        ));
+        assert!(check_head(&with(&[("content-length", "3")]), false).is_ok());
+        assert!(check_head(&with(&[("transfer-encoding", "chunked")]), false).is_ok());
+        assert!(check_head(&with(&[("transfer-encoding", " Chunked ")]), false).is_ok());
         for bad in [
             &[("content-length", "3"), ("transfer-encoding", "chunked")][..],
             &[("transfer-encoding", "gzip, chunked")],
@@ -171,7 +182,10 @@ mod tests {
             &[("transfer-encoding", "")],
         ] {
             assert!(
-                matches!(check_head(&with(bad)), Err(Error::InvalidFraming { .. })),
+                matches!(
+                    check_head(&with(bad), false),
+                    Err(Error::InvalidFraming { .. })
+                ),
                 "{bad:?}"
             );
         }

@@ -255,12 +255,7 @@ async fn update(
     // must arrive within the header timeout too, or a slow sender holds a
     // slot forever.
     let limits = &live.config.limits;
-    if ex.client.saw_ambiguous_framing() {
-        return Err(Error::InvalidFraming {
-            detail: "both Content-Length and Transfer-Encoding",
-        });
-    }
-    body::check_head(&parts.headers)?;
+    body::check_head(&parts.headers, ex.client.saw_ambiguous_framing())?;
     let bytes = tokio::time::timeout(
         limits.header_read_timeout,
         body::read(&parts.headers, incoming, limits.max_body_bytes),
