@@ -7,17 +7,16 @@
 mod support;
 
 use std::io::Read;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use http::Method;
 use serde_json::Value;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use support::process::{STARTUP_CONFIG, STEP, describe, silent_upstream, spawn_serve};
-use support::raw::{RawResponse, parse_responses};
+use support::raw::{Until, raw, read_back};
 use support::*;
 
 /// The example user's second caller line (residue 1 in the emulator's sample).
@@ -26,86 +25,6 @@ const LINE_TWO: &str = "37d73edf-4628-4cf1-8beb-758433fd0aab";
 // ---------------------------------------------------------------------------
 // Raw HTTP/1.1 on a TCP stream
 // ---------------------------------------------------------------------------
-
-/// What one raw connection got back.
-struct Exchange {
-    bytes: Vec<u8>,
-    responses: Vec<RawResponse>,
-    /// The read side ended: EOF or an error.
-    closed: bool,
-    /// The error that ended the read side, if it was not a clean EOF.
-    error: Option<std::io::Error>,
-}
-
-impl std::fmt::Debug for Exchange {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Exchange")
-            .field("text", &String::from_utf8_lossy(&self.bytes))
-            .field("closed", &self.closed)
-            .field("error", &self.error)
-            .finish()
-    }
-}
-
-impl Exchange {
-    /// The only response; panics with the whole exchange otherwise.
-    fn one(&self) -> &RawResponse {
-        assert_eq!(self.responses.len(), 1, "expected one response: {self:?}");
-        &self.responses[0]
-    }
-}
-
-/// When to stop reading.
-#[derive(Debug, Clone, Copy)]
-enum Until {
-    /// This many complete final (non-1xx) responses, or the end of the stream.
-    Responses(usize),
-    /// The end of the stream (EOF or an error).
-    Closed,
-}
-
-/// Reads for at most `within` (then returns what it has, `closed` false).
-async fn read_back(r: &mut (impl AsyncRead + Unpin), until: Until, within: Duration) -> Exchange {
-    let deadline = tokio::time::Instant::now() + within;
-    let mut bytes = Vec::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut error = None;
-    let closed = loop {
-        if let Until::Responses(n) = until
-            && parse_responses(&bytes)
-                .iter()
-                .filter(|r| r.complete && r.status >= 200)
-                .count()
-                >= n
-        {
-            break false;
-        }
-        match tokio::time::timeout_at(deadline, r.read(&mut buf)).await {
-            Err(_) => break false,
-            Ok(Ok(0)) => break true,
-            Ok(Err(e)) => {
-                error = Some(e);
-                break true;
-            }
-            Ok(Ok(n)) => bytes.extend_from_slice(&buf[..n]),
-        }
-    };
-    Exchange {
-        responses: parse_responses(&bytes),
-        bytes,
-        closed,
-        error,
-    }
-}
-
-/// Writes `request` on a fresh connection and reads what comes back.
-async fn raw(addr: SocketAddr, request: &[u8], until: Until, within: Duration) -> Exchange {
-    let mut s = TcpStream::connect(addr).await.expect("connect to gateway");
-    // The gateway may answer and close before it has read everything; what
-    // it answered is what counts.
-    let _ = s.write_all(request).await;
-    read_back(&mut s, until, within).await
-}
 
 /// A PUT head for `target` with `extra` header lines (each ending in CRLF),
 /// then the blank line.
@@ -499,16 +418,25 @@ async fn a_trickled_body_gets_a_complete_408_not_a_reset() {
         let (mut rd, mut wr) = s.into_split();
         wr.write_all(head.as_bytes()).await.expect("write the head");
         let sent = Instant::now();
-        // One byte every 20 ms, for about 3 s at most, while we read.
+        // The slow client under test: one byte every 20 ms, for about 3 s
+        // at most, while we read. (A pace, not a wait for an event.)
         let writer = tokio::spawn(async move {
+            let mut pace = tokio::time::interval(Duration::from_millis(20));
+            pace.tick().await;
             for _ in 0..150 {
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                pace.tick().await;
                 if wr.write_all(b" ").await.is_err() {
                     break;
                 }
             }
         });
-        let ex = read_back(&mut rd, Until::Responses(1), Duration::from_secs(10)).await;
+        let ex = read_back(
+            &mut rd,
+            Until::Responses(1),
+            tokio::time::Instant::now(),
+            Duration::from_secs(10),
+        )
+        .await;
         let waited = sent.elapsed();
         writer.abort();
         let _ = writer.await;

@@ -19,7 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 
-use support::raw::{RawResponse, find, parse_responses};
+use support::raw::{Exchange, Until, find, raw, read_back};
 use support::*;
 
 /// Low, so a stalled exchange is cut off quickly; waits below are bounded by it.
@@ -47,86 +47,18 @@ async fn gateway(upstream: &str, extra: &str) -> Gateway {
 // Raw HTTP/1.1 on a TCP stream
 // ---------------------------------------------------------------------------
 
-/// What one raw connection got back.
-#[derive(Debug)]
-struct Exchange {
-    bytes: Vec<u8>,
-    responses: Vec<RawResponse>,
-    /// The gateway closed (or reset) the connection before the deadline.
-    closed: bool,
-    elapsed: Duration,
+/// What the hostile tests also ask of an exchange.
+trait NoToken {
+    fn assert_no_token(&self);
 }
 
-impl Exchange {
-    /// The only response; panics with the whole exchange otherwise.
-    fn one(&self) -> &RawResponse {
-        assert_eq!(self.responses.len(), 1, "expected one response: {self:?}");
-        &self.responses[0]
-    }
-
-    fn statuses(&self) -> Vec<u16> {
-        self.responses.iter().map(|r| r.status).collect()
-    }
-
+impl NoToken for Exchange {
     fn assert_no_token(&self) {
         assert!(
             find(&self.bytes, TOKEN.as_bytes()).is_none(),
             "the token leaked into a response: {:?}",
             String::from_utf8_lossy(&self.bytes)
         );
-    }
-}
-
-/// When to stop reading.
-#[derive(Debug, Clone, Copy)]
-enum Until {
-    /// This many complete final (non-1xx) responses, or the connection closes.
-    Responses(usize),
-    /// The gateway closes the connection.
-    Closed,
-}
-
-/// Writes `request` on a fresh connection and reads what comes back, for at
-/// most `within` from the connect.
-async fn raw(addr: SocketAddr, request: &[u8], until: Until, within: Duration) -> Exchange {
-    let started = Instant::now();
-    let mut s = TcpStream::connect(addr).await.expect("connect to gateway");
-    // The gateway may answer and close before it has read everything; what
-    // it answered is what counts.
-    let _ = s.write_all(request).await;
-    read_back(&mut s, until, started, within).await
-}
-
-async fn read_back(
-    s: &mut TcpStream,
-    until: Until,
-    started: Instant,
-    within: Duration,
-) -> Exchange {
-    let deadline = started + within;
-    let mut bytes = Vec::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    let closed = loop {
-        if let Until::Responses(n) = until
-            && parse_responses(&bytes)
-                .iter()
-                .filter(|r| r.complete && r.status >= 200)
-                .count()
-                >= n
-        {
-            break false;
-        }
-        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
-            Err(_) => break false,
-            Ok(Ok(0) | Err(_)) => break true,
-            Ok(Ok(n)) => bytes.extend_from_slice(&buf[..n]),
-        }
-    };
-    Exchange {
-        responses: parse_responses(&bytes),
-        bytes,
-        closed,
-        elapsed: started.elapsed(),
     }
 }
 

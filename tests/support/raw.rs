@@ -1,7 +1,13 @@
 //! Raw HTTP/1.1 responses as they came off a TCP stream, for tests that
 //! write requests no well-behaved client would send.
 
+use std::net::SocketAddr;
+use std::time::Duration;
+
 use serde_json::Value;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 /// One response as it came off the wire.
 #[derive(Debug, Clone)]
@@ -78,4 +84,100 @@ pub fn parse_responses(mut bytes: &[u8]) -> Vec<RawResponse> {
         bytes = &rest[len..];
     }
     out
+}
+
+/// What one raw connection got back.
+pub struct Exchange {
+    pub bytes: Vec<u8>,
+    pub responses: Vec<RawResponse>,
+    /// The read side ended (EOF or an error) before the deadline.
+    pub closed: bool,
+    /// The error that ended the read side, if it was not a clean EOF.
+    pub error: Option<std::io::Error>,
+    /// From `started` (see [`read_back`]) to the end of reading.
+    pub elapsed: Duration,
+}
+
+impl std::fmt::Debug for Exchange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Exchange")
+            .field("text", &String::from_utf8_lossy(&self.bytes))
+            .field("closed", &self.closed)
+            .field("error", &self.error)
+            .field("elapsed", &self.elapsed)
+            .finish()
+    }
+}
+
+impl Exchange {
+    /// The only response; panics with the whole exchange otherwise.
+    pub fn one(&self) -> &RawResponse {
+        assert_eq!(self.responses.len(), 1, "expected one response: {self:?}");
+        &self.responses[0]
+    }
+
+    pub fn statuses(&self) -> Vec<u16> {
+        self.responses.iter().map(|r| r.status).collect()
+    }
+}
+
+/// When to stop reading.
+#[derive(Debug, Clone, Copy)]
+pub enum Until {
+    /// This many complete final (non-1xx) responses, or the end of the stream.
+    Responses(usize),
+    /// The end of the stream (EOF or an error).
+    Closed,
+}
+
+/// Reads until `until`, or for at most `within` from `started` (then returns
+/// what it has, `closed` false).
+pub async fn read_back(
+    r: &mut (impl AsyncRead + Unpin),
+    until: Until,
+    started: Instant,
+    within: Duration,
+) -> Exchange {
+    let deadline = started + within;
+    let mut bytes = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut error = None;
+    let closed = loop {
+        if let Until::Responses(n) = until
+            && parse_responses(&bytes)
+                .iter()
+                .filter(|r| r.complete && r.status >= 200)
+                .count()
+                >= n
+        {
+            break false;
+        }
+        match tokio::time::timeout_at(deadline, r.read(&mut buf)).await {
+            Err(_) => break false,
+            Ok(Ok(0)) => break true,
+            Ok(Err(e)) => {
+                error = Some(e);
+                break true;
+            }
+            Ok(Ok(n)) => bytes.extend_from_slice(&buf[..n]),
+        }
+    };
+    Exchange {
+        responses: parse_responses(&bytes),
+        bytes,
+        closed,
+        error,
+        elapsed: started.elapsed(),
+    }
+}
+
+/// Writes `request` on a fresh connection and reads what comes back, for at
+/// most `within` from the connect.
+pub async fn raw(addr: SocketAddr, request: &[u8], until: Until, within: Duration) -> Exchange {
+    let started = Instant::now();
+    let mut s = TcpStream::connect(addr).await.expect("connect to gateway");
+    // The gateway may answer and close before it has read everything; what
+    // it answered is what counts.
+    let _ = s.write_all(request).await;
+    read_back(&mut s, until, started, within).await
 }

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// How long a start or a stop may take before the test fails.
 const BOUND: Duration = Duration::from_secs(10);
@@ -67,39 +67,60 @@ impl Redis {
 
     async fn spawn(&mut self) {
         assert!(self.child.is_none(), "redis is already running");
-        let child = Command::new("redis-server")
+        // Logs to stdout, which a thread copies to the log file and watches
+        // for the line redis writes once it accepts connections.
+        let mut child = Command::new("redis-server")
             .arg("--port")
             .arg(self.port.to_string())
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(self.dir.path())
-            .arg("--logfile")
-            .arg(self.log_path())
+            .args(["--logfile", ""])
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server runs (is it installed?)");
+        let stdout = child.stdout.take().expect("stdout piped");
         self.child = Some(child);
-        let started = Instant::now();
-        loop {
-            if ping(self.port).await {
-                return;
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<()>();
+        let log_path = self.log_path();
+        std::thread::spawn(move || {
+            let mut log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log_path)
+                .ok();
+            let mut ready = Some(ready_tx);
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(f) = log.as_mut() {
+                    let _ = writeln!(f, "{line}");
+                }
+                if line.contains("Ready to accept connections")
+                    && let Some(tx) = ready.take()
+                {
+                    let _ = tx.send(());
+                }
             }
-            let exited = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten());
-            if let Some(status) = exited {
+        });
+        // Ready, or the process ended (the sender dropped without sending).
+        let outcome = tokio::time::timeout(BOUND, ready_rx).await;
+        let exited = self
+            .child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten());
+        match (outcome, exited) {
+            (Ok(Ok(())), None) => assert!(ping(self.port).await, "ready but no PONG"),
+            (_, Some(status)) => {
                 self.child = None;
                 panic!("redis-server exited ({status}):\n{}", self.log());
             }
-            assert!(
-                started.elapsed() < BOUND,
-                "redis-server did not answer PING within {BOUND:?}:\n{}",
+            (Ok(Err(_)), None) => panic!("redis-server closed its output:\n{}", self.log()),
+            (Err(_), None) => panic!(
+                "redis-server was not ready within {BOUND:?}:\n{}",
                 self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            ),
         }
     }
 
@@ -191,6 +212,8 @@ impl Redis {
         let port = self.port;
         let lines = Arc::new(Mutex::new(Vec::new()));
         let done = Arc::new(AtomicBool::new(false));
+        // Ticks once per line seen, so a waiter wakes on arrival.
+        let (tick, seen) = tokio::sync::watch::channel(0usize);
         let mut conn = tokio::task::spawn_blocking(move || {
             let mut conn = Conn::open(port).expect("connect to redis");
             conn.send(&["MONITOR".to_owned()]).expect("send MONITOR");
@@ -213,6 +236,7 @@ impl Redis {
                         Ok(0) => break,
                         Ok(_) => {
                             lines.lock().unwrap().push(line.trim_end().to_owned());
+                            tick.send_modify(|n| *n += 1);
                             line.clear();
                         }
                         Err(e)
@@ -228,6 +252,7 @@ impl Redis {
         Monitor {
             lines,
             done,
+            seen,
             thread: Some(thread),
         }
     }
@@ -247,6 +272,7 @@ impl Drop for Redis {
 pub struct Monitor {
     lines: Arc<Mutex<Vec<String>>>,
     done: Arc<AtomicBool>,
+    seen: tokio::sync::watch::Receiver<usize>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -257,18 +283,22 @@ impl Monitor {
     pub async fn finish(mut self, redis: &Redis) -> Vec<String> {
         let marker = format!("monitor-end-{}", std::process::id());
         redis.command(&["ECHO", &marker]).await;
-        let seen = |lines: &Arc<Mutex<Vec<String>>>| {
+        let has_marker = |lines: &Arc<Mutex<Vec<String>>>| {
             lines.lock().unwrap().iter().any(|l| l.contains(&marker))
         };
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while !seen(&self.lines) {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "MONITOR never showed the marker command"
-            );
-            tokio::task::yield_now().await;
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        let lines = self.lines.clone();
+        let arrived = tokio::time::timeout(BOUND, async {
+            while !has_marker(&lines) {
+                if self.seen.changed().await.is_err() {
+                    break;
+                }
+            }
+        })
+        .await;
+        assert!(
+            arrived.is_ok() && has_marker(&self.lines),
+            "MONITOR never showed the marker command"
+        );
         self.done.store(true, Ordering::Release);
         if let Some(t) = self.thread.take() {
             let _ = tokio::task::spawn_blocking(move || t.join()).await;
