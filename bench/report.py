@@ -13,7 +13,7 @@ import sys
 import time
 
 # Rows in the order they are printed; anything else found goes last.
-ORDER = ["direct", "nginx", "base", "taskgate", "taskgate-shared", "base-never", "taskgate-never", "taskgate-w1", "taskgate-w2"]
+ORDER = ["direct", "floor", "nginx", "base", "taskgate", "taskgate-shared", "base-never", "taskgate-never", "taskgate-w1", "taskgate-w2"]
 
 
 def fsync_probe(path, n):

@@ -38,7 +38,7 @@ DURATION=${DURATION:-10s}
 WARMUP=${WARMUP:-1s}
 CONNS=${CONNS:-"32 1"}
 WRK_THREADS=${WRK_THREADS:-1}
-TARGETS=${TARGETS:-"direct nginx taskgate taskgate-never taskgate-w1 taskgate-w2"}
+TARGETS=${TARGETS:-"direct floor nginx taskgate taskgate-never taskgate-w1 taskgate-w2"}
 DEFAULT_WORKERS=1   # taskgate's default runtime.worker_threads
 PORT_BASE=${PORT_BASE:-18480}
 UPSTREAM_PORT=${UPSTREAM_PORT:-$PORT_BASE}
@@ -132,9 +132,10 @@ build() {
     local target_dir=${CARGO_TARGET_DIR:-target}
     [[ $target_dir == /* ]] || target_dir=$repo/$target_dir
     TASKGATE_BIN=$target_dir/release/taskgate
+    FLOOR_BIN=$target_dir/release/examples/floor
     if [[ $SKIP_BUILD != 1 ]]; then
-        log "cargo build --release"
-        (cd "$repo" && cargo build --release --quiet)
+        log "cargo build --release (taskgate and the floor forwarder)"
+        (cd "$repo" && cargo build --release --quiet --bin taskgate --example floor)
     fi
     [[ -x $TASKGATE_BIN ]] || die "no binary at $TASKGATE_BIN (CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-unset})"
 }
@@ -259,6 +260,22 @@ start_taskgate() {
     ADMIN_PORT[$name]=$admin
     PID_OF[$name]=$pid
     MEASURE_PIDS[$name]=$pid
+}
+
+# start_floor INDEX: the bare hyper forwarder (bench/floor.rs), the floor the
+# HTTP path is compared with.
+start_floor() {
+    local i=$1 port=$((PORT_BASE + 10 + $1)) dir=$workdir/floor pid
+    [[ -x $FLOOR_BIN ]] || die "no floor forwarder at $FLOOR_BIN (cargo build --release --example floor)"
+    check_port_free "$port"
+    mkdir -p "$dir"
+    FLOOR_TOKEN=$TOKEN "$FLOOR_BIN" "$port" "$UPSTREAM_PORT" >"$dir/stdout" 2>"$dir/stderr" &
+    pid=$!
+    pids+=("$pid")
+    wait_port "$port" "$pid" floor
+    PORT[floor]=$port
+    PID_OF[floor]=$pid
+    MEASURE_PIDS[floor]=$pid
 }
 
 # metrics_note NAME: what taskgate's own counters say about the whole run
@@ -423,7 +440,7 @@ main() {
     local targets=() t
     for t in $TARGETS; do
         case $t in
-            direct | nginx | taskgate | taskgate-never) targets+=("$t") ;;
+            direct | floor | nginx | taskgate | taskgate-never) targets+=("$t") ;;
             base | base-never)
                 [[ -x ${BASE_BIN:-} ]] || die "target '$t' needs BASE_BIN, an executable taskgate"
                 targets+=("$t")
@@ -450,6 +467,7 @@ main() {
     for t in "${targets[@]}"; do
         case $t in
             direct) ;;
+            floor) start_floor "$i" ;;
             nginx)
                 log "starting nginx on 127.0.0.1:$NGINX_PORT"
                 start_nginx nginx anchor.nginx.conf "$NGINX_PORT"
