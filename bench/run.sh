@@ -22,11 +22,19 @@
 #   KEEP_TMP [0]  1 keeps the work dir (logs, configs, raw results)
 #   SKIP_BUILD [0]  1 uses the existing release binary
 #   CARGO_TARGET_DIR  where the release binary is (as cargo uses it)
+#   TASKGATE_BIN  a taskgate binary to run instead (then nothing is built)
 #   NGINX_ACCESS_LOG_BUFFER [""]  e.g. "buffer=64k flush=1s" (default: one write per request)
 #   BASE_BIN    another taskgate binary (e.g. an older commit's release build);
 #               the targets `base` and `base-never` run it with the `taskgate` and
 #               `taskgate-never` configs, interleaved in the same rounds, for a
 #               before/after comparison in one run
+#   SLOW_CLIENTS [500]  after the rounds, each proxy (nginx, taskgate*, base*)
+#               once more: this many connections sending the PUT body one byte
+#               per SLOW_INTERVAL (slowclients.py) while wrk drives
+#               SLOW_WRK_CONNS [32] connections, both for SLOW_SECONDS [8];
+#               RSS is sampled throughout. 0 skips the phase.
+#   SLOW_INTERVAL [0.1]  seconds between two body bytes of a slow client
+# The open-file limit (ulimit -n) is raised to at least 4096 for them.
 set -euo pipefail
 shopt -u patsub_replacement 2>/dev/null || true   # `&` in a rendered value stays `&`
 
@@ -47,6 +55,14 @@ BENCH_TMPDIR=${BENCH_TMPDIR:-${TMPDIR:-/tmp}}
 KEEP_TMP=${KEEP_TMP:-0}
 SKIP_BUILD=${SKIP_BUILD:-0}
 NGINX_ACCESS_LOG_BUFFER=${NGINX_ACCESS_LOG_BUFFER:-}
+TASKGATE_BIN=${TASKGATE_BIN:-}
+SLOW_CLIENTS=${SLOW_CLIENTS:-500}
+SLOW_SECONDS=${SLOW_SECONDS:-8}
+SLOW_INTERVAL=${SLOW_INTERVAL:-0.1}
+SLOW_WRK_CONNS=${SLOW_WRK_CONNS:-32}
+[[ $SLOW_CLIENTS =~ ^[0-9]+$ ]] || { echo "SLOW_CLIENTS must be a number" >&2; exit 2; }
+[[ $SLOW_SECONDS =~ ^[1-9][0-9]*$ ]] || { echo "SLOW_SECONDS must be whole seconds (> 0)" >&2; exit 2; }
+[[ $SLOW_WRK_CONNS =~ ^[0-9]+$ ]] || { echo "SLOW_WRK_CONNS must be a number" >&2; exit 2; }
 
 # Not a secret: the fast upstream checks it so that a proxy which forgets
 # to inject it shows up as non-2xx.
@@ -64,12 +80,14 @@ die() { log "error: $*"; exit 1; }
 
 pids=()
 sampler_pid=""
+load_pids=()   # the slow-client phase's load generators while they run
 workdir=""
 
 cleanup() {
     local rc=$? pid
     trap - EXIT INT TERM
     [[ -n $sampler_pid ]] && pids+=("$sampler_pid")
+    pids=("${load_pids[@]}" "${pids[@]}")
     for pid in "${pids[@]}"; do
         kill -TERM "$pid" 2>/dev/null || true
     done
@@ -129,6 +147,13 @@ install_tools() {
 }
 
 build() {
+    if [[ -n $TASKGATE_BIN ]]; then
+        # A binary given from outside: run it as it is, build nothing.
+        [[ $TASKGATE_BIN == */* ]] || TASKGATE_BIN=$(command -v "$TASKGATE_BIN" || echo "$TASKGATE_BIN")
+        [[ -x $TASKGATE_BIN ]] || die "TASKGATE_BIN=$TASKGATE_BIN is not an executable"
+        log "using TASKGATE_BIN=$TASKGATE_BIN (not building)"
+        return 0
+    fi
     local target_dir=${CARGO_TARGET_DIR:-target}
     [[ $target_dir == /* ]] || target_dir=$repo/$target_dir
     TASKGATE_BIN=$target_dir/release/taskgate
@@ -345,16 +370,16 @@ rss_sampler() {
 dir_bytes() { du -sb "$1" 2>/dev/null | cut -f1; }
 
 # Status (and taskgate's reason) counts from an access log, then empties it
-# so a long run does not fill the disk.
+# so a long run does not fill the disk. OUT defaults to statuses.tsv.
 log_statuses() {
-    local name=$1 conns=$2 round=$3 file=$4
+    local name=$1 conns=$2 round=$3 file=$4 out=${5:-$workdir/statuses.tsv}
     [[ -f $file ]] || return 0
     { grep -oE '"status":[0-9]+(,"reason":"[a-z_]+")?' "$file" || true; } |
         sed -E 's/"status":([0-9]+)(,"reason":"([a-z_]+)")?/\1 \3/; s/ $//' |
         sort | uniq -c |
         while read -r count status; do
             printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$conns" "$round" "$status" "$count"
-        done >>"$workdir/statuses.tsv"
+        done >>"$out"
     : >"$file"
 }
 
@@ -414,12 +439,101 @@ run_wrk() {
         "${r[p50_us]}" "${r[p99_us]}" "${r[non2xx]}" "$sockerr" >&2
 }
 
+# run_slow NAME: SLOW_CLIENTS connections sending the PUT body one byte per
+# SLOW_INTERVAL (slowclients.py, one request each, no reconnecting) and wrk
+# at SLOW_WRK_CONNS connections, side by side for SLOW_SECONDS, while the
+# measured PIDs' RSS is sampled; appends a row to slow.tsv.
+run_slow() {
+    local name=$1 port=${PORT[$1]} mpids
+    read -ra mpids <<<"${MEASURE_PIDS[$name]}"
+    local rssfile=$workdir/rss.samples slowout=$workdir/$name/slow.out wrkout=$workdir/$name/slow.wrk
+    local threads=$WRK_THREADS
+    ((threads > SLOW_WRK_CONNS)) && threads=$SLOW_WRK_CONNS
+    : >"$rssfile"
+    : >"$wrkout"
+
+    rss_sampler "$rssfile" "${mpids[@]}" &
+    sampler_pid=$!
+    local slow_pid wrk_pid="" slow_rc=0 wrk_rc=0
+    # slowclients.py stops by itself after SLOW_SECONDS; timeout is the backstop.
+    timeout -k 2 $((SLOW_SECONDS + 20)) python3 "$here/slowclients.py" --port "$port" \
+        --conns "$SLOW_CLIENTS" --seconds "$SLOW_SECONDS" --interval "$SLOW_INTERVAL" \
+        >"$slowout" 2>"$slowout.err" &
+    slow_pid=$!
+    load_pids+=("$slow_pid")
+    if ((SLOW_WRK_CONNS > 0)); then
+        timeout -k 2 $((SLOW_SECONDS + 20)) wrk -t"$threads" -c"$SLOW_WRK_CONNS" -d"${SLOW_SECONDS}s" \
+            --latency -s "$here/put.lua" "http://127.0.0.1:$port$TASK_PATH" >"$wrkout" 2>&1 &
+        wrk_pid=$!
+        load_pids+=("$wrk_pid")
+    fi
+    wait "$slow_pid" || slow_rc=$?
+    [[ -n $wrk_pid ]] && { wait "$wrk_pid" || wrk_rc=$?; }
+    load_pids=()
+    sleep 0.5   # the proxy logs the connections the clients just closed
+    kill "$sampler_pid" 2>/dev/null || true
+    wait "$sampler_pid" 2>/dev/null || true
+    sampler_pid=""
+
+    local alive=yes
+    kill -0 "${PID_OF[$name]}" 2>/dev/null || alive=no
+    [[ $alive == no ]] && log "!! $name is no longer running"
+
+    declare -A s=() r=()
+    local line kv
+    line=$(grep '^SLOW ' "$slowout" || true)
+    if [[ -z $line ]]; then
+        log "!! $name: no SLOW line from slowclients.py (exit $slow_rc): $(head -c 300 "$slowout.err")"
+    fi
+    for kv in ${line#SLOW }; do s[${kv%%=*}]=${kv#*=}; done
+    if [[ -n $wrk_pid ]]; then
+        line=$(grep '^BENCH ' "$wrkout" || true)
+        [[ -z $line ]] && log "!! $name: no BENCH line from wrk (exit $wrk_rc): $(tail -n 3 "$wrkout" | tr '\n' ' ')"
+        for kv in ${line#BENCH }; do r[${kv%%=*}]=${kv#*=}; done
+    fi
+    local rss_kb sockerr=-
+    rss_kb=$(sort -n "$rssfile" | tail -n 1)
+    [[ -n ${r[requests]:-} ]] && sockerr=$((r[connect] + r[read] + r[write] + r[timeout]))
+
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
+        "$name" "$SLOW_CLIENTS" "${s[conns]:-0}" "${s[answered]:-0}" "${s[statuses]:--}" \
+        "${s[closed_unanswered]:--}" "${s[open_at_end]:--}" "${s[first_answer_s]:--}" "${s[last_answer_s]:--}" \
+        "${rss_kb:--}" "$SLOW_WRK_CONNS" "${r[requests]:--}" "${r[duration_us]:--}" "${r[p99_us]:--}" \
+        "${r[non2xx]:--}" "$sockerr" "$alive" >>"$workdir/slow.tsv"
+    log_statuses "$name" slow slow "$workdir/$name/access.log" "$workdir/slow-statuses.tsv"
+    printf '  %-15s %s/%s slow conns held, answered %s (%s), RSS %s MiB; wrk c=%s %s req/s, non-2xx %s\n' \
+        "$name" "${s[conns]:-0}" "$SLOW_CLIENTS" "${s[answered]:-0}" "${s[statuses]:--}" \
+        "$(awk -v k="${rss_kb:-0}" 'BEGIN { printf "%.1f", k / 1024 }')" "$SLOW_WRK_CONNS" \
+        "$(awk -v n="${r[requests]:-0}" -v d="${r[duration_us]:-0}" 'BEGIN { printf "%.0f", (d > 0 ? n / (d / 1e6) : 0) }')" \
+        "${r[non2xx]:--}" >&2
+}
+
+# raise_nofile: 500 slow clients + wrk, through nginx, need two descriptors
+# each (client and upstream side) in the proxy, and one each in the client.
+raise_nofile() {
+    local want=4096 need soft hard
+    need=$((2 * (SLOW_CLIENTS + SLOW_WRK_CONNS) + 256))
+    ((need > want)) && want=$need
+    soft=$(ulimit -Sn)
+    [[ $soft == unlimited ]] && return 0
+    ((soft >= want)) && return 0
+    hard=$(ulimit -Hn)
+    if [[ $hard != unlimited ]] && ((hard < want)); then want=$hard; fi
+    ulimit -Sn "$want" 2>/dev/null || true
+    soft=$(ulimit -Sn)
+    log "open-file limit (ulimit -n) now $soft"
+    if ((SLOW_CLIENTS > 0 && soft < need)); then
+        die "ulimit -n is $soft (hard $hard), too low for SLOW_CLIENTS=$SLOW_CLIENTS; raise it or lower SLOW_CLIENTS"
+    fi
+}
+
 # ---------------------------------------------------------------------------
 
 main() {
     install_tools
     NGINX=$(command -v nginx || echo /usr/sbin/nginx)
     build
+    raise_nofile   # before any process starts, so that they inherit it
 
     check_port_free "$UPSTREAM_PORT"
     check_port_free "$NGINX_PORT"
@@ -435,6 +549,8 @@ main() {
     esac
     printf 'config\tconns\tround\trequests\tduration_us\tp50_us\tp99_us\trss_kb\tcpu_us\tnon2xx\tsockerr\taudit_bytes\talive\n' >"$workdir/results.tsv"
     printf 'config\tconns\tround\tstatus\tcount\n' >"$workdir/statuses.tsv"
+    printf 'config\tslow_wanted\tslow_conns\tanswered\tstatuses\tclosed_unanswered\topen_at_end\tfirst_answer_s\tlast_answer_s\trss_kb\twrk_conns\trequests\tduration_us\tp99_us\tnon2xx\tsockerr\talive\n' >"$workdir/slow.tsv"
+    printf 'config\tconns\tround\tstatus\tcount\n' >"$workdir/slow-statuses.tsv"
 
     # Which targets, in the order they take turns.
     local targets=() t
@@ -499,6 +615,10 @@ main() {
         echo "fs=$fs"
         echo "fsync_p50_us=$fsync_p50"
         echo "fsync_p99_us=$fsync_p99"
+        echo "slow_clients=$SLOW_CLIENTS"
+        echo "slow_seconds=$SLOW_SECONDS"
+        echo "slow_interval=$SLOW_INTERVAL"
+        echo "slow_wrk_conns=$SLOW_WRK_CONNS"
     } >"$workdir/meta"
 
     local max_conns=0 c
@@ -513,6 +633,21 @@ main() {
             for t in "${targets[@]}"; do run_wrk "$t" "$c" "$round" "$DURATION"; done
         done
     done
+
+    # Slow clients under load: every proxy once more, `direct` excepted.
+    # They must fit under the proxies' caps: taskgate's limits.max_connections
+    # (4,096 by default) and max_inflight (1,024: a slow sender is in flight
+    # from its head on), nginx's worker_connections (4,096, two per proxied
+    # request); with the defaults, 500 + 32 fit in all three.
+    if ((SLOW_CLIENTS > 0)); then
+        ((SLOW_CLIENTS + SLOW_WRK_CONNS > 1000)) &&
+            echo "slow phase: $SLOW_CLIENTS + $SLOW_WRK_CONNS connections is more than taskgate's default max_inflight (1024) leaves room for; the excess is refused with 503" >>"$workdir/notes"
+        log "slow clients: $SLOW_CLIENTS sending 1 byte / ${SLOW_INTERVAL}s + wrk at $SLOW_WRK_CONNS connections, ${SLOW_SECONDS}s each"
+        for t in "${targets[@]}"; do
+            [[ $t == direct ]] && continue
+            run_slow "$t"
+        done
+    fi
 
     echo "load: BENCH_USERS=${BENCH_USERS:-1024} user ids in turn (1 = one fixed path, where taskgate's per-line serialisation queues every update)" >>"$workdir/notes"
     for t in "${targets[@]}"; do
