@@ -46,6 +46,9 @@ DURATION=${DURATION:-10s}
 WARMUP=${WARMUP:-1s}
 CONNS=${CONNS:-"32 1"}
 WRK_THREADS=${WRK_THREADS:-1}
+PERF=${PERF:-0}
+PERF_DIR=${PERF_DIR:-$PWD/perf}
+PERF_FREQ=${PERF_FREQ:-499}
 TARGETS=${TARGETS:-"direct floor nginx taskgate taskgate-never taskgate-w1 taskgate-w2"}
 DEFAULT_WORKERS=1   # taskgate's default runtime.worker_threads
 PORT_BASE=${PORT_BASE:-18480}
@@ -147,6 +150,9 @@ install_tools() {
 }
 
 build() {
+    local target_dir=${CARGO_TARGET_DIR:-target}
+    [[ $target_dir == /* ]] || target_dir=$repo/$target_dir
+    FLOOR_BIN=${FLOOR_BIN:-$target_dir/release/examples/floor}
     if [[ -n $TASKGATE_BIN ]]; then
         # A binary given from outside: run it as it is, build nothing.
         [[ $TASKGATE_BIN == */* ]] || TASKGATE_BIN=$(command -v "$TASKGATE_BIN" || echo "$TASKGATE_BIN")
@@ -154,10 +160,7 @@ build() {
         log "using TASKGATE_BIN=$TASKGATE_BIN (not building)"
         return 0
     fi
-    local target_dir=${CARGO_TARGET_DIR:-target}
-    [[ $target_dir == /* ]] || target_dir=$repo/$target_dir
     TASKGATE_BIN=$target_dir/release/taskgate
-    FLOOR_BIN=$target_dir/release/examples/floor
     if [[ $SKIP_BUILD != 1 ]]; then
         log "cargo build --release (taskgate and the floor forwarder)"
         (cd "$repo" && cargo build --release --quiet --bin taskgate --example floor)
@@ -399,11 +402,27 @@ run_wrk() {
 
     rss_sampler "$rssfile" "${mpids[@]}" &
     sampler_pid=$!
+    # PERF=1: the first round at the highest connection count is profiled
+    # (software clock, dwarf stacks); its figures carry perf's overhead.
+    local perf_pid=""
+    if [[ $PERF == 1 && $round == 1 && $conns == "${CONNS%% *}" ]]; then
+        mkdir -p "$PERF_DIR"
+        perf record -q -e cpu-clock -F "$PERF_FREQ" --call-graph dwarf,16384 \
+            -o "$PERF_DIR/$name.data" -p "$(tr ' ' ',' <<<"${MEASURE_PIDS[$name]}" | sed 's/,$//')" \
+            >"$PERF_DIR/$name.log" 2>&1 &
+        perf_pid=$!
+        pids+=("$perf_pid")
+    fi
     local t0 t1 out
     t0=$(cpu_ticks "${mpids[@]}")
     out=$(wrk -t"$threads" -c"$conns" -d"$duration" --latency -s "$here/put.lua" "${auth[@]}" \
         "http://127.0.0.1:$port$TASK_PATH" 2>&1) || { echo "$out" >&2; die "wrk failed against $name"; }
     t1=$(cpu_ticks "${mpids[@]}" 2>/dev/null || echo "")
+    if [[ -n $perf_pid ]]; then
+        kill -INT "$perf_pid" 2>/dev/null || true
+        wait "$perf_pid" 2>/dev/null || true
+        log "profile of $name @$conns: $PERF_DIR/$name.data"
+    fi
     kill "$sampler_pid" 2>/dev/null || true
     wait "$sampler_pid" 2>/dev/null || true
     sampler_pid=""

@@ -15,9 +15,9 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::Full;
 use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
@@ -110,19 +110,19 @@ pub async fn serve<L, H, F>(
     H: Fn(Request<Incoming>, Peer) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
+    // The protocol is known from the sniff, so each connection goes straight
+    // to its own builder (hyper-util's `auto` would read the preface again
+    // behind a rewind wrapper).
+    let mut h1 = http1::Builder::new();
+    h1.timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         .max_headers(100)
         .max_buf_size(64 * 1024);
     // hyper has no header timeout for h2: a peer that stops answering (a
     // stalled request head, or nothing after the preface) is found by an
     // unanswered PING instead, on the same clock as the HTTP/1 timeout.
-    builder
-        .http2()
-        .timer(TokioTimer::new())
+    let mut h2 = http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new())
         .max_concurrent_streams(256)
         .keep_alive_interval(limits.header_read_timeout)
         .keep_alive_timeout(limits.header_read_timeout);
@@ -160,7 +160,7 @@ pub async fn serve<L, H, F>(
                 async move { Ok::<_, Infallible>(fut.await) }
             })
         };
-        let builder = builder.clone();
+        let (h1, h2) = (h1.clone(), h2.clone());
         let watcher = graceful.watcher();
         let deadline = limits.header_read_timeout;
         let linger = Linger {
@@ -184,10 +184,14 @@ pub async fn serve<L, H, F>(
                 peer,
                 linger: Some(linger),
             };
-            let conn = builder.serve_connection(TokioIo::new(io), service);
+            let io = TokioIo::new(io);
             // Connection errors (client went away, bad framing) are the
             // client's business; hyper has already answered what it could.
-            if let Err(e) = watcher.watch(conn.into_owned()).await {
+            let served = match protocol {
+                Protocol::Http1 => watcher.watch(h1.serve_connection(io, service)).await,
+                Protocol::H2c => watcher.watch(h2.serve_connection(io, service)).await,
+            };
+            if let Err(e) = served {
                 tracing::debug!(cause = %e, client = %client, "connection ended with an error");
             }
         });

@@ -11,8 +11,11 @@ pub mod residue;
 pub mod state;
 pub mod validate;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -87,31 +90,84 @@ impl Exchange {
     }
 }
 
-/// Entry point for the data listener. The request runs to completion in its
-/// own task: a caller that hangs up must not cut an update off between its
-/// attempt record, the forward, its outcome record and its access-log line.
+/// Entry point for the data listener. The request runs to completion even
+/// when its caller hangs up: it must not be cut off between its attempt
+/// record, the forward, its outcome record and its access-log line. It runs
+/// inline in the connection's task (no task, no hand-off per request); only
+/// when hyper drops it unfinished is the rest moved to a task of its own.
 pub async fn handle(
     state: Arc<State>,
     client: Peer,
     req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
     let request_id = ids::request_id(req.headers());
-    // Dropped with this future when the caller hangs up: the task then
-    // forwards nothing that is not already on its way.
+    // Dropped when the caller hangs up: the request then forwards nothing
+    // that is not already on its way.
     let (caller, caller_gone) = tokio::sync::oneshot::channel::<()>();
     let tasks = state.requests.clone();
-    let task = tasks.spawn(process(state, client, req, request_id.clone(), caller_gone));
-    let result = task.await;
-    drop(caller);
-    match result {
-        Ok(resp) => resp,
-        Err(e) => {
-            tracing::error!(cause = %e, request_id = %request_id, "request task failed");
-            let mut resp = Error::Internal.into_response();
-            if let Ok(v) = HeaderValue::from_str(&request_id) {
-                resp.headers_mut().insert("x-request-id", v);
+    ToTheEnd {
+        run: Some(Box::pin(process(
+            state,
+            client,
+            req,
+            request_id.clone(),
+            caller_gone,
+        ))),
+        caller: Some(caller),
+        tasks,
+        request_id,
+    }
+    .await
+}
+
+/// A request's future, polled where it stands; if it is dropped before it
+/// finishes (the caller hung up), the rest runs on `tasks`, which shutdown
+/// waits for.
+struct ToTheEnd<F: Future<Output = Response<Full<Bytes>>> + Send + 'static> {
+    run: Option<Pin<Box<F>>>,
+    /// Dropped first, so the request learns its caller is gone.
+    caller: Option<tokio::sync::oneshot::Sender<()>>,
+    tasks: tokio_util::task::TaskTracker,
+    /// For the 500 if the request panics.
+    request_id: String,
+}
+
+impl<F: Future<Output = Response<Full<Bytes>>> + Send + 'static> Future for ToTheEnd<F> {
+    type Output = Response<Full<Bytes>>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let Some(run) = self.run.as_mut() else {
+            // Polled after completion: a bug in the caller, not a request.
+            return Poll::Ready(Error::Internal.into_response());
+        };
+        // A panic ends this request with a 500, not its connection (as a
+        // task of its own would).
+        let polled =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run.as_mut().poll(cx)));
+        let out = match polled {
+            Ok(Poll::Pending) => return Poll::Pending,
+            Ok(Poll::Ready(out)) => out,
+            Err(_) => {
+                tracing::error!(request_id = %self.request_id, "request panicked");
+                let mut resp = Error::Internal.into_response();
+                if let Ok(v) = HeaderValue::from_str(&self.request_id) {
+                    resp.headers_mut().insert("x-request-id", v);
+                }
+                resp
             }
-            resp
+        };
+        self.run = None;
+        Poll::Ready(out)
+    }
+}
+
+impl<F: Future<Output = Response<Full<Bytes>>> + Send + 'static> Drop for ToTheEnd<F> {
+    fn drop(&mut self) {
+        drop(self.caller.take());
+        if let Some(run) = self.run.take()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            self.tasks.spawn_on(run, &rt);
         }
     }
 }
