@@ -405,11 +405,16 @@ run_wrk() {
     # PERF=1: the first round at the highest connection count is profiled
     # (software clock, dwarf stacks); its figures carry perf's overhead.
     local perf_pid=""
-    if [[ $PERF == 1 && $round == 1 && $conns == "${CONNS%% *}" ]]; then
+    if [[ $PERF == 1 && $round == 1 && $conns == "${PERF_CONNS:-${CONNS%% *}}" ]]; then
         mkdir -p "$PERF_DIR"
-        perf record -q -e cpu-clock -F "$PERF_FREQ" --call-graph dwarf,16384 \
-            -o "$PERF_DIR/$name.data" -p "$(tr ' ' ',' <<<"${MEASURE_PIDS[$name]}" | sed 's/,$//')" \
-            >"$PERF_DIR/$name.log" 2>&1 &
+        local what
+        if [[ -n ${PERF_ARGS:-} ]]; then
+            read -ra what <<<"$PERF_ARGS"
+        else
+            what=(-e cpu-clock -F "$PERF_FREQ" --call-graph dwarf,16384
+                -p "$(tr ' ' ',' <<<"${MEASURE_PIDS[$name]}" | sed 's/,$//')")
+        fi
+        perf record -q -o "$PERF_DIR/$name.data" "${what[@]}" >"$PERF_DIR/$name.log" 2>&1 &
         perf_pid=$!
         pids+=("$perf_pid")
     fi

@@ -22,7 +22,7 @@ const LINGER: std::time::Duration = std::time::Duration::from_millis(10);
 pub struct AccessLine<'a> {
     pub ts: &'a str,
     pub request_id: &'a str,
-    pub client: String,
+    pub client: &'a str,
     /// The `[[access.callers]]` name, with caller control on.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub caller: Option<&'a str>,

@@ -18,7 +18,16 @@ pub enum PeerAddr {
 #[derive(Debug, Clone)]
 pub struct Peer {
     addr: PeerAddr,
-    ambiguous: Arc<AtomicBool>,
+    conn: Arc<Conn>,
+}
+
+/// What the requests of one connection share.
+#[derive(Debug)]
+struct Conn {
+    ambiguous: AtomicBool,
+    /// The `client` field, formatted once per connection rather than for
+    /// every record and access-log line.
+    label: Box<str>,
 }
 
 impl Peer {
@@ -33,10 +42,22 @@ impl Peer {
     }
 
     fn from_addr(addr: PeerAddr) -> Peer {
+        let label = match addr {
+            PeerAddr::Tcp(addr) => addr.to_string(),
+            PeerAddr::Unix { uid } => format!("unix:uid={uid}"),
+        };
         Peer {
             addr,
-            ambiguous: Arc::new(AtomicBool::new(false)),
+            conn: Arc::new(Conn {
+                ambiguous: AtomicBool::new(false),
+                label: label.into_boxed_str(),
+            }),
         }
+    }
+
+    /// `127.0.0.1:41616`, or `unix:uid=1000` (see `Display`).
+    pub fn label(&self) -> &str {
+        &self.conn.label
     }
 
     pub fn addr(&self) -> PeerAddr {
@@ -56,11 +77,11 @@ impl Peer {
     /// request reaches us (and closes the connection after it), so only the
     /// connection's byte stream can tell.
     pub fn saw_ambiguous_framing(&self) -> bool {
-        self.ambiguous.load(Ordering::Acquire)
+        self.conn.ambiguous.load(Ordering::Acquire)
     }
 
     pub fn mark_ambiguous_framing(&self) {
-        self.ambiguous.store(true, Ordering::Release);
+        self.conn.ambiguous.store(true, Ordering::Release);
     }
 }
 
@@ -68,10 +89,7 @@ impl Peer {
 /// and the audit records.
 impl fmt::Display for Peer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.addr {
-            PeerAddr::Tcp(addr) => addr.fmt(f),
-            PeerAddr::Unix { uid } => write!(f, "unix:uid={uid}"),
-        }
+        f.write_str(self.label())
     }
 }
 

@@ -168,7 +168,7 @@ pub async fn serve<L, H, F>(
             stop: shutdown.clone(),
             permit,
         };
-        tasks.spawn(async move {
+        let conn_task = async move {
             // hyper's header timeout starts only once the protocol is known;
             // a client that sends nothing, or the h2c preface a byte at a
             // time, must not hold a connection slot for longer than it.
@@ -176,7 +176,7 @@ pub async fn serve<L, H, F>(
                 return;
             };
             let scan = matches!(protocol, Protocol::Http1).then(HeadScan::default);
-            let client = peer.to_string();
+            let client = peer.clone();
             let io = ConnIo {
                 stream: Some(stream),
                 prefix,
@@ -194,7 +194,8 @@ pub async fn serve<L, H, F>(
             if let Err(e) = served {
                 tracing::debug!(cause = %e, client = %client, "connection ended with an error");
             }
-        });
+        };
+        tasks.spawn(conn_task);
     }
     drop(listener);
     if tokio::time::timeout(limits.grace, graceful.shutdown())

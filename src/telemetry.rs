@@ -23,11 +23,26 @@ pub fn init(format: LogFormat) {
 
 /// RFC 3339 UTC with milliseconds, e.g. `2026-11-24T06:49:26.123Z`.
 pub fn now_rfc3339() -> String {
-    let fmt =
-        format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
-    OffsetDateTime::now_utc()
-        .format(&fmt)
-        .unwrap_or_else(|_| "1970-01-01T00:00:00.000Z".into())
+    thread_local! {
+        /// The last millisecond formatted on this thread, and its text:
+        /// under load many lines share one.
+        static LAST: std::cell::RefCell<(i128, String)> =
+            const { std::cell::RefCell::new((i128::MIN, String::new())) };
+    }
+    let now = OffsetDateTime::now_utc();
+    let ms = now.unix_timestamp_nanos() / 1_000_000;
+    LAST.with_borrow_mut(|(at, text)| {
+        if *at != ms {
+            let fmt = format_description!(
+                "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+            );
+            *text = now
+                .format(&fmt)
+                .unwrap_or_else(|_| "1970-01-01T00:00:00.000Z".into());
+            *at = ms;
+        }
+        text.clone()
+    })
 }
 
 #[cfg(test)]

@@ -341,8 +341,10 @@ impl AuditLog {
                     rec
                 };
                 let ok = q.push(&rec, false).is_ok();
-                if ok {
-                    wake(&self.shared, &mut q);
+                let notify = ok && claim_wake(&mut q);
+                drop(q);
+                if notify {
+                    self.shared.wake.notify_one();
                 }
                 ok
             }
@@ -374,7 +376,11 @@ impl AuditLog {
             q.waiters.push(Waiter { seq, until, ack });
             done
         });
-        wake(&self.shared, &mut q);
+        let notify = claim_wake(&mut q);
+        drop(q);
+        if notify {
+            self.shared.wake.notify_one();
+        }
         Ok(done)
     }
 
@@ -402,12 +408,11 @@ impl AuditLog {
     }
 }
 
-/// Wakes the sync thread if it sleeps.
-fn wake(shared: &Shared, q: &mut Queue) {
-    if q.thread_idle {
-        q.thread_idle = false;
-        shared.wake.notify_one();
-    }
+/// Whether the sync thread sleeps and must be woken; the caller notifies
+/// after unlocking the queue, or the woken thread (often on the same CPU)
+/// would preempt it only to block on the lock it still holds.
+fn claim_wake(q: &mut Queue) -> bool {
+    std::mem::take(&mut q.thread_idle)
 }
 
 impl AuditWriterTask {

@@ -80,7 +80,7 @@ impl Exchange {
     /// A record with this request's identifying fields filled in.
     fn record(&self, event: Event) -> Record {
         Record {
-            client: Some(self.client.to_string()),
+            client: Some(self.client.label().to_owned()),
             caller: self.caller.clone(),
             user_id: self.route.map(|r| r.user_id.to_string()),
             sub_user_id: self.sub_user_id.map(|s| s.to_string()),
@@ -259,7 +259,7 @@ async fn process(
     state.access_log.write(&AccessLine {
         ts: &now_rfc3339(),
         request_id: &ex.request_id,
-        client: ex.client.to_string(),
+        client: ex.client.label(),
         caller: ex.caller.as_deref(),
         method: method.as_str(),
         // Bounded so a hostile path cannot bloat the log.
@@ -285,7 +285,7 @@ async fn update(
     live: &Arc<Live>,
     ex: &mut Exchange,
     req: Request<Incoming>,
-    mut caller_gone: CallerGone,
+    caller_gone: CallerGone,
 ) -> Result<Response<Full<Bytes>>, Error> {
     // Only the one known route with canonical ids; 404/405 otherwise.
     let route = router::route(req.method(), req.uri())?;
@@ -312,12 +312,11 @@ async fn update(
     // slot forever.
     let limits = &live.config.limits;
     body::check_head(&parts.headers, ex.client.saw_ambiguous_framing())?;
-    let bytes = tokio::time::timeout(
+    let rd = tokio::time::timeout(
         limits.header_read_timeout,
         body::read(&parts.headers, incoming, limits.max_body_bytes),
-    )
-    .await
-    .map_err(|_| Error::RequestTimeout)??;
+    );
+    let bytes = rd.await.map_err(|_| Error::RequestTimeout)??;
     ex.bytes_in = bytes.len() as u64;
     ex.body = Some(bytes.clone());
     let object = body::parse_object(&bytes)?;
@@ -329,6 +328,48 @@ async fn update(
     let task = task.map_err(Error::ValidationFailed)?;
     ex.sub_user_id = task.sub_user_id;
 
+    // The rest is boxed: a request still waiting for its body (500 slow
+    // senders, say) holds only the small future above, not the largest
+    // state of every later stage.
+    Box::pin(admit_and_forward(
+        state,
+        live,
+        ex,
+        Checked {
+            route,
+            task,
+            client_headers: parts.headers,
+            bytes,
+        },
+        caller_gone,
+    ))
+    .await
+}
+
+/// A request that passed routing, caller control, the body checks and
+/// validation.
+struct Checked {
+    route: TaskRoute,
+    task: validate::TaskUpdate,
+    client_headers: http::HeaderMap,
+    bytes: Bytes,
+}
+
+/// The stages after validation: rate limit, residue rule (a dry run ends
+/// there), the durable attempt, the forward and its outcome.
+async fn admit_and_forward(
+    state: &Arc<State>,
+    live: &Arc<Live>,
+    ex: &mut Exchange,
+    checked: Checked,
+    mut caller_gone: CallerGone,
+) -> Result<Response<Full<Bytes>>, Error> {
+    let Checked {
+        route,
+        task,
+        client_headers,
+        bytes,
+    } = checked;
     // Per-user GCRA before anything costs the vendor a call: 429. With
     // `[shared]`, one bucket per key for every replica.
     let key = RateKey::new(&live.config.rate_limit.key, route.user_id, task.sub_user_id);
@@ -412,16 +453,17 @@ async fn update(
     // The attempt is on disk before a byte goes to the vendor: 503 if not
     // (a stalled disk included). A caller that has hung up by now gets
     // nothing forwarded. Either way the line is let go at once.
-    let checked_list = match durable_attempt(state, live, ex, verdict, &mut caller_gone).await {
-        Ok(list) => list,
-        Err(refusal) => {
-            state
-                .residue
-                .release_unused(state.shared.as_deref(), hold)
-                .await;
-            return Err(refusal);
-        }
-    };
+    let checked_list =
+        match Box::pin(durable_attempt(state, live, ex, verdict, &mut caller_gone)).await {
+            Ok(list) => list,
+            Err(refusal) => {
+                state
+                    .residue
+                    .release_unused(state.shared.as_deref(), hold)
+                    .await;
+                return Err(refusal);
+            }
+        };
     ex.stage = Stage::Attempted;
 
     // From here the vendor may see the update.
@@ -429,7 +471,7 @@ async fn update(
         state: state.clone(),
         live: live.clone(),
         uri,
-        client_headers: parts.headers,
+        client_headers,
         bytes,
         token,
         outcome: ex.record(Event::Outcome),
