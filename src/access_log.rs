@@ -160,7 +160,7 @@ mod tests {
             log.write(&AccessLine {
                 ts: "2026-11-24T00:00:00.000Z",
                 request_id: "r",
-                client: "127.0.0.1:1".into(),
+                client: "127.0.0.1:1",
                 caller: (i == 99).then_some("billing"),
                 method: "PUT",
                 path: "/x\n\"y",
