@@ -87,18 +87,22 @@ def main():
     ap.add_argument("--cpu-us", type=float, required=True, help="CPU µs per request of the profiled run")
     args = ap.parse_args()
     compiled = [(s, t, re.compile(p) if p else None, w) for s, t, p, w in RULES]
-    totals = Counter()
+    totals, kernel = Counter(), Counter()
     for comm, period, frames in samples(sys.stdin):
-        totals[classify(comm, frames, compiled)] += period
+        stage = classify(comm, frames, compiled)
+        totals[stage] += period
+        # A sample whose innermost frame is a kernel address was in the kernel.
+        if frames and frames[0].split()[0].startswith("ffff"):
+            kernel[stage] += period
     whole = sum(totals.values()) or 1
     order = [s for s, _, _, _ in RULES] + [OTHER]
-    print("| stage | share | µs/request |")
-    print("|---|---|---|")
+    us = args.cpu_us / whole
+    print("| stage | share | µs/request | of which in the kernel |")
+    print("|---|---|---|---|")
     for stage in order:
         if totals[stage]:
-            share = totals[stage] / whole
-            print(f"| {stage} | {share * 100:.1f} % | {share * args.cpu_us:.1f} |")
-    print(f"| total | 100 % | {args.cpu_us:.1f} |")
+            print(f"| {stage} | {totals[stage] / whole * 100:.1f} % | {totals[stage] * us:.1f} | {kernel[stage] * us:.1f} |")
+    print(f"| total | 100 % | {args.cpu_us:.1f} | {sum(kernel.values()) * us:.1f} |")
 
 
 if __name__ == "__main__":
