@@ -265,6 +265,64 @@ async fn a_plain_chunked_request_is_still_served() {
     assert_eq!(updates[0].body, EXAMPLE_BODY.as_bytes());
 }
 
+/// `body` in chunks of `size` bytes, then the last chunk.
+fn chunked_in_pieces(body: &[u8], size: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    for piece in body.chunks(size) {
+        out.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+        out.extend_from_slice(piece);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"0\r\n\r\n");
+    out
+}
+
+#[tokio::test]
+async fn a_body_in_many_pieces_reaches_the_vendor_whole_and_is_bounded() {
+    let vendor = vendor().await;
+    let gw = Gateway::builder(&vendor.url())
+        .toml("[limits]\nmax_body_bytes = 1024")
+        .start()
+        .await;
+    // Chunks of 3 bytes: the body is assembled piece by piece.
+    let mut request = put_head(&example_path(), "Transfer-Encoding: chunked\r\n").into_bytes();
+    request.extend(chunked_in_pieces(EXAMPLE_BODY.as_bytes(), 3));
+    let ex = raw(
+        gw.addr,
+        &request,
+        Until::Responses(1),
+        Duration::from_secs(15),
+    )
+    .await;
+    assert_eq!(ex.one().status, 200, "{ex:?}");
+    let updates = vendor.updates();
+    assert_eq!(updates.len(), 1);
+    assert_eq!(
+        updates[0].body,
+        EXAMPLE_BODY.as_bytes(),
+        "the vendor got the body byte for byte"
+    );
+
+    // The same in pieces, padded past the limit: 413, nothing forwarded.
+    let mut big = EXAMPLE_BODY.as_bytes().to_vec();
+    big.extend(std::iter::repeat_n(b' ', 1100));
+    let mut request = put_head(&example_path(), "Transfer-Encoding: chunked\r\n").into_bytes();
+    request.extend(chunked_in_pieces(&big, 100));
+    let ex = raw(
+        gw.addr,
+        &request,
+        Until::Responses(1),
+        Duration::from_secs(15),
+    )
+    .await;
+    assert_eq!(ex.one().status, 413, "{ex:?}");
+    assert_eq!(
+        vendor.updates().len(),
+        1,
+        "the oversized body was not forwarded"
+    );
+}
+
 // ---------------------------------------------------------------------------
 // Charset
 // ---------------------------------------------------------------------------

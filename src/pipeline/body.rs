@@ -5,8 +5,8 @@
 use std::fmt;
 
 use bytes::Bytes;
-use http::{HeaderMap, header};
-use http_body_util::{BodyExt, Limited};
+use http::{HeaderMap, HeaderName, HeaderValue, header};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use serde::de::{self, Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::{Map, Value};
@@ -75,10 +75,9 @@ pub fn is_json(headers: &HeaderMap) -> bool {
         })
 }
 
-/// Reads at most `max` bytes of a JSON-typed body. A declared
-/// `Content-Length` over the limit is refused before a byte of the body is
-/// read; a chunked body is cut off as soon as it passes the limit.
-pub async fn read(headers: &HeaderMap, body: Incoming, max: usize) -> Result<Bytes, Error> {
+/// A JSON-typed body whose declared `Content-Length` (if any) is within
+/// `max`: refused before a byte of the body is read (415/413).
+pub fn check_declared(headers: &HeaderMap, max: usize) -> Result<(), Error> {
     if !is_json(headers) {
         return Err(Error::UnsupportedMediaType);
     }
@@ -89,13 +88,59 @@ pub async fn read(headers: &HeaderMap, body: Incoming, max: usize) -> Result<Byt
     if declared.is_some_and(|n| n > max as u64) {
         return Err(Error::PayloadTooLarge { limit: max });
     }
-    match Limited::new(body, max).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            Err(Error::PayloadTooLarge { limit: max })
+    Ok(())
+}
+
+/// Reads at most `max` bytes of the body; a chunked body is cut off as soon
+/// as it passes the limit (413). A body that comes in one piece (the usual
+/// case) is kept as it came; pieces after the first are copied into one
+/// buffer as they arrive, so a body trickled a byte at a time holds neither
+/// a list of tiny chunks nor the read buffers they point into.
+pub async fn read(mut body: Incoming, max: usize) -> Result<Bytes, Error> {
+    let mut first: Option<Bytes> = None;
+    let mut rest: Vec<u8> = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|_| Error::BodyIncomplete)?;
+        // Trailers carry nothing a task update needs.
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        let held = first.as_ref().map_or(0, Bytes::len) + rest.len();
+        if held + data.len() > max {
+            return Err(Error::PayloadTooLarge { limit: max });
         }
-        Err(_) => Err(Error::BodyIncomplete),
+        match &first {
+            None if rest.is_empty() => first = Some(data),
+            _ => {
+                if let Some(f) = first.take() {
+                    rest.reserve(f.len() + data.len());
+                    rest.extend_from_slice(&f);
+                }
+                rest.extend_from_slice(&data);
+            }
+        }
     }
+    Ok(match first {
+        Some(f) => f,
+        None => Bytes::from(rest),
+    })
+}
+
+/// `headers` copied into memory of their own. hyper's header values are
+/// slices of the connection's read buffer; while a request holds them,
+/// the body's next read cannot reuse that buffer and takes a new one, so a
+/// slow sender would hold both (~24 KiB instead of ~16).
+pub fn detach(headers: &HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(name.as_str().as_bytes()),
+            HeaderValue::from_bytes(value.as_bytes()),
+        ) {
+            out.append(name, value);
+        }
+    }
+    out
 }
 
 /// Exactly one JSON object (surrounding whitespace allowed) with no repeated

@@ -95,11 +95,13 @@ impl Exchange {
 /// record, the forward, its outcome record and its access-log line. It runs
 /// inline in the connection's task (no task, no hand-off per request); only
 /// when hyper drops it unfinished is the rest moved to a task of its own.
-pub async fn handle(
+/// (A plain function: the future hyper holds per connection is then just
+/// the small `ToTheEnd`, the request's own state behind its box.)
+pub fn handle(
     state: Arc<State>,
     client: Peer,
     req: Request<Incoming>,
-) -> Response<Full<Bytes>> {
+) -> impl Future<Output = Response<Full<Bytes>>> + Send + 'static {
     let request_id = ids::request_id(req.headers());
     // Dropped when the caller hangs up: the request then forwards nothing
     // that is not already on its way.
@@ -117,7 +119,6 @@ pub async fn handle(
         tasks,
         request_id,
     }
-    .await
 }
 
 /// A request's future, polled where it stands; if it is dropped before it
@@ -312,11 +313,25 @@ async fn update(
     // slot forever.
     let limits = &live.config.limits;
     body::check_head(&parts.headers, ex.client.saw_ambiguous_framing())?;
-    let rd = tokio::time::timeout(
+    body::check_declared(&parts.headers, limits.max_body_bytes)?;
+    let read = tokio::time::timeout(
         limits.header_read_timeout,
-        body::read(&parts.headers, incoming, limits.max_body_bytes),
+        body::read(incoming, limits.max_body_bytes),
     );
-    let bytes = rd.await.map_err(|_| Error::RequestTimeout)??;
+    let mut read = std::pin::pin!(read);
+    // Usually the body came with the head and is read at once. When it is
+    // still on its way, the request lets go of hyper's read buffer first
+    // (its head's headers and URI are slices of it), so a slow sender holds
+    // one buffer, not two.
+    let read = match std::future::poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await {
+        Poll::Ready(done) => done,
+        Poll::Pending => {
+            parts.headers = body::detach(&parts.headers);
+            parts.uri = http::Uri::default();
+            read.await
+        }
+    };
+    let bytes = read.map_err(|_| Error::RequestTimeout)??;
     ex.bytes_in = bytes.len() as u64;
     ex.body = Some(bytes.clone());
     let object = body::parse_object(&bytes)?;
