@@ -126,6 +126,8 @@ pub async fn serve<L, H, F>(
         .max_concurrent_streams(256)
         .keep_alive_interval(limits.header_read_timeout)
         .keep_alive_timeout(limits.header_read_timeout);
+    // Shared by the connections rather than copied into each.
+    let builders = Arc::new((h1, h2));
     let graceful = GracefulShutdown::new();
     // Past the cap we stop accepting; the kernel backlog holds the rest.
     let slots = Arc::new(Semaphore::new(limits.max_connections));
@@ -160,7 +162,7 @@ pub async fn serve<L, H, F>(
                 async move { Ok::<_, Infallible>(fut.await) }
             })
         };
-        let (h1, h2) = (h1.clone(), h2.clone());
+        let builders = Arc::clone(&builders);
         let watcher = graceful.watcher();
         let deadline = limits.header_read_timeout;
         let linger = Linger {
@@ -188,8 +190,16 @@ pub async fn serve<L, H, F>(
             // Connection errors (client went away, bad framing) are the
             // client's business; hyper has already answered what it could.
             let served = match protocol {
-                Protocol::Http1 => watcher.watch(h1.serve_connection(io, service)).await,
-                Protocol::H2c => watcher.watch(h2.serve_connection(io, service)).await,
+                Protocol::Http1 => {
+                    watcher
+                        .watch(builders.0.serve_connection(io, service))
+                        .await
+                }
+                // Boxed: an HTTP/1 connection (nearly all of them) then does
+                // not carry room for HTTP/2's larger state.
+                Protocol::H2c => {
+                    Box::pin(watcher.watch(builders.1.serve_connection(io, service))).await
+                }
             };
             if let Err(e) = served {
                 tracing::debug!(cause = %e, client = %client, "connection ended with an error");
