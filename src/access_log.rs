@@ -1,17 +1,18 @@
-//! The access log: one JSON line per request on stdout. Lines are handed to
-//! a writer thread so a slow terminal or pipe never holds up a request; the
-//! thread writes whatever has queued in one go.
+//! The access log: one JSON line per request on stdout. Requests append
+//! their lines to a shared buffer, and a writer thread takes the buffer and
+//! writes it in one go, so a slow terminal or pipe never holds up a request.
 
 use std::io::Write;
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
 use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 
-/// Lines waiting for the writer. Past this the newest lines are dropped and
-/// counted rather than growing memory or blocking requests.
-const QUEUE: usize = 16_384;
+/// Bytes waiting for the writer (some 12,000 lines). Past this the newest
+/// lines are dropped and counted rather than growing memory or blocking
+/// requests. Memory is taken as lines come, not reserved up front.
+const QUEUE_BYTES: usize = 4 * 1024 * 1024;
 
 /// How long lines may wait for the writer; bounds the log's delay, not its
 /// completeness (stop drains the queue).
@@ -45,52 +46,80 @@ pub struct AccessLine<'a> {
     pub bytes_out: u64,
 }
 
-enum Msg {
-    Line(Vec<u8>),
-    Stop,
+/// What requests and the writer share.
+struct Pending {
+    lines: Vec<u8>,
+    stop: bool,
 }
 
+struct Shared {
+    pending: Mutex<Pending>,
+    /// Wakes the writer early: stop.
+    wake: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
+        // Appending bytes cannot leave the buffer inconsistent.
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The handle requests write through.
 pub struct AccessLog {
-    tx: SyncSender<Msg>,
-    /// `taskgate_access_log_dropped_lines_total`.
+    shared: Arc<Shared>,
     dropped: Counter,
 }
 
-/// Owns the writer thread; `stop` flushes what is queued and joins it.
+/// The writer thread; [`AccessLogTask::stop`] writes what is pending and joins it.
 pub struct AccessLogTask {
-    tx: SyncSender<Msg>,
+    shared: Arc<Shared>,
     thread: JoinHandle<()>,
 }
 
 impl AccessLog {
-    /// Starts the writer on `out` (stdout in production).
     pub fn start(out: Box<dyn Write + Send>, dropped: Counter) -> (AccessLog, AccessLogTask) {
-        let (tx, rx) = sync_channel(QUEUE);
+        let shared = Arc::new(Shared {
+            pending: Mutex::new(Pending {
+                lines: Vec::with_capacity(64 * 1024),
+                stop: false,
+            }),
+            wake: Condvar::new(),
+        });
         let thread = std::thread::Builder::new()
             .name("access-log".into())
-            .spawn(move || writer(rx, out))
+            .spawn({
+                let shared = Arc::clone(&shared);
+                move || writer(&shared, out)
+            })
             .expect("spawning the access-log thread at start-up");
         (
             AccessLog {
-                tx: tx.clone(),
+                shared: Arc::clone(&shared),
                 dropped,
             },
-            AccessLogTask { tx, thread },
+            AccessLogTask { shared, thread },
         )
     }
 
+    /// Appends `line`; never waits for the writer, which picks it up within
+    /// [`LINGER`].
     pub fn write(&self, line: &AccessLine<'_>) {
+        // Encoded before the lock, which other workers may be waiting for.
         let mut buf = Vec::with_capacity(320);
         if serde_json::to_writer(&mut buf, line).is_err() {
             return;
         }
         buf.push(b'\n');
-        if let Err(TrySendError::Full(_)) = self.tx.try_send(Msg::Line(buf)) {
+        let mut pending = self.shared.lock();
+        if pending.lines.len() >= QUEUE_BYTES {
+            drop(pending);
             self.dropped.inc();
+            return;
         }
+        pending.lines.extend_from_slice(&buf);
     }
 
-    /// Lines dropped because the writer could not keep up.
     pub fn dropped(&self) -> u64 {
         self.dropped.get()
     }
@@ -98,40 +127,37 @@ impl AccessLog {
 
 impl AccessLogTask {
     pub fn stop(self) {
-        let _ = self.tx.send(Msg::Stop);
+        self.shared.lock().stop = true;
+        self.shared.wake.notify_one();
         let _ = self.thread.join();
     }
 }
 
-fn writer(rx: Receiver<Msg>, mut out: Box<dyn Write + Send>) {
+/// Every [`LINGER`] (or at stop): takes what is pending, writes it, flushes.
+fn writer(shared: &Shared, mut out: Box<dyn Write + Send>) {
     let mut batch = Vec::with_capacity(64 * 1024);
-    while let Ok(first) = rx.recv() {
-        let mut stop = false;
-        let mut next = Some(first);
-        while let Some(msg) = next {
-            match msg {
-                Msg::Line(line) => batch.extend_from_slice(&line),
-                Msg::Stop => {
-                    stop = true;
-                    break;
-                }
+    loop {
+        let stop = {
+            let mut pending = shared.lock();
+            if !pending.stop {
+                pending = shared
+                    .wake
+                    .wait_timeout(pending, LINGER)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
             }
-            next = if batch.len() < 256 * 1024 {
-                rx.try_recv().ok()
-            } else {
-                None
-            };
+            std::mem::swap(&mut pending.lines, &mut batch);
+            pending.stop
+        };
+        if !batch.is_empty() {
+            let _ = out.write_all(&batch).and_then(|()| out.flush());
+            batch.clear();
+            // A burst does not keep its buffer for good.
+            batch.shrink_to(256 * 1024);
         }
-        // A closed stdout is not worth crashing the proxy over.
-        let _ = out.write_all(&batch).and_then(|()| out.flush());
-        batch.clear();
         if stop {
             return;
         }
-        // Linger before the next blocking receive: lines sent meanwhile are
-        // queued without waking this thread, so under load requests pay no
-        // wake-up per line and the log is written in batches.
-        std::thread::sleep(LINGER);
     }
 }
 
@@ -188,6 +214,76 @@ mod tests {
         assert!(
             v.get("caller").is_none() && v.get("dry_run").is_none(),
             "{v}"
+        );
+    }
+
+    /// A writer held until the test lets it go.
+    struct Held {
+        out: Shared,
+        open: Arc<(Mutex<bool>, std::sync::Condvar)>,
+    }
+    impl Write for Held {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            let (open, opened) = &*self.open;
+            let mut o = open.lock().unwrap();
+            while !*o {
+                o = opened.wait(o).unwrap();
+            }
+            self.out.write(b)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_stuck_output_drops_and_counts_lines_past_the_bound_and_loses_no_other() {
+        let out = Shared::default();
+        let open = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        let dropped = Counter::default();
+        let (log, task) = AccessLog::start(
+            Box::new(Held {
+                out: out.clone(),
+                open: open.clone(),
+            }),
+            dropped.clone(),
+        );
+        let line = AccessLine {
+            ts: "2026-11-24T00:00:00.000Z",
+            request_id: "r",
+            client: "127.0.0.1:1",
+            caller: None,
+            method: "PUT",
+            path: "/x",
+            status: 200,
+            reason: None,
+            dry_run: false,
+            user_id: None,
+            task_id: None,
+            latency_ms: 1.0,
+            upstream_ms: None,
+            bytes_in: 1,
+            bytes_out: 2,
+        };
+        // Far more than the bound (~150 bytes a line), while the output is stuck.
+        let n = 2 * QUEUE_BYTES / 100;
+        for _ in 0..n {
+            log.write(&line);
+        }
+        assert!(dropped.get() > 0, "lines past the bound are counted");
+        *open.0.lock().unwrap() = true;
+        open.1.notify_all();
+        task.stop();
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        let written = text.lines().count() as u64;
+        assert_eq!(
+            written + dropped.get(),
+            n as u64,
+            "every line is written or counted"
+        );
+        assert!(
+            text.lines()
+                .all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok())
         );
     }
 }
