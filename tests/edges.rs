@@ -265,9 +265,10 @@ async fn a_plain_chunked_request_is_still_served() {
     assert_eq!(updates[0].body, EXAMPLE_BODY.as_bytes());
 }
 
-/// `body` in chunks of `size` bytes, then the last chunk.
+/// A chunked PUT of the example path: `body` in chunks of `size` bytes,
+/// then the last chunk.
 fn chunked_in_pieces(body: &[u8], size: usize) -> Vec<u8> {
-    let mut out = Vec::new();
+    let mut out = put_head(&example_path(), "Transfer-Encoding: chunked\r\n").into_bytes();
     for piece in body.chunks(size) {
         out.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
         out.extend_from_slice(piece);
@@ -285,8 +286,7 @@ async fn a_body_in_many_pieces_reaches_the_vendor_whole_and_is_bounded() {
         .start()
         .await;
     // Chunks of 3 bytes: the body is assembled piece by piece.
-    let mut request = put_head(&example_path(), "Transfer-Encoding: chunked\r\n").into_bytes();
-    request.extend(chunked_in_pieces(EXAMPLE_BODY.as_bytes(), 3));
+    let request = chunked_in_pieces(EXAMPLE_BODY.as_bytes(), 3);
     let ex = raw(
         gw.addr,
         &request,
@@ -306,8 +306,7 @@ async fn a_body_in_many_pieces_reaches_the_vendor_whole_and_is_bounded() {
     // The same in pieces, padded past the limit: 413, nothing forwarded.
     let mut big = EXAMPLE_BODY.as_bytes().to_vec();
     big.extend(std::iter::repeat_n(b' ', 1100));
-    let mut request = put_head(&example_path(), "Transfer-Encoding: chunked\r\n").into_bytes();
-    request.extend(chunked_in_pieces(&big, 100));
+    let request = chunked_in_pieces(&big, 100);
     let ex = raw(
         gw.addr,
         &request,

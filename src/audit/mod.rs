@@ -134,7 +134,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use crate::config::{AuditConfig, DEFAULT_MAX_BYTES, FsyncPolicy};
-pub use record::{Event, GENESIS_PREV, Record, bounded_request};
+pub use record::{Event, GENESIS_PREV, Record, bounded_request, now_timestamp};
 pub use rotation::{audit_files, rotated_path};
 pub use sync::{RETRY_INTERVAL, SYNC_INTERVAL};
 pub use verify::{Location, Problem, VerifyError, VerifyReport, verify};

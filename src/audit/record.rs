@@ -207,6 +207,25 @@ pub(crate) fn timestamp(now: OffsetDateTime) -> String {
         .unwrap_or_else(|_| String::from("0000-01-01T00:00:00.000Z"))
 }
 
+/// `ts` for now: formatted at most once per millisecond on each thread (under
+/// load many records and access-log lines share one). The access log's `ts`
+/// too, so both logs read the same clock the same way.
+pub fn now_timestamp() -> String {
+    thread_local! {
+        static LAST: std::cell::RefCell<(i128, String)> =
+            const { std::cell::RefCell::new((i128::MIN, String::new())) };
+    }
+    let now = OffsetDateTime::now_utc();
+    let ms = now.unix_timestamp_nanos() / 1_000_000;
+    LAST.with_borrow_mut(|(at, text)| {
+        if *at != ms {
+            *text = timestamp(now);
+            *at = ms;
+        }
+        text.clone()
+    })
+}
+
 /// Appends the line for `rec` (with its trailing `\n`) to `buf` and returns its
 /// hash, the next record's `prev`. On error `buf` is left as it was.
 pub(crate) fn encode_line(
@@ -415,5 +434,8 @@ mod tests {
     fn timestamp_is_rfc3339_utc_millis() {
         let t = time::macros::datetime!(2026-11-24 06:49:26.123456 UTC);
         assert_eq!(timestamp(t), "2026-11-24T06:49:26.123Z");
+        let ts = now_timestamp();
+        assert_eq!(ts.len(), 24, "{ts}");
+        assert!(ts.ends_with('Z') && ts.as_bytes()[10] == b'T' && ts.as_bytes()[19] == b'.');
     }
 }

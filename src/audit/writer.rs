@@ -11,11 +11,10 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::Instant;
 
-use time::OffsetDateTime;
 use tokio::sync::oneshot;
 use tracing::warn;
 
-use super::record::{Event, GENESIS, HexHash, Record, encode_line, timestamp};
+use super::record::{Event, GENESIS, HexHash, Record, encode_line, now_timestamp};
 use super::sync::{Faults, sync_thread};
 use super::{AuditConfig, AuditError, AuditObserver, FsyncPolicy};
 
@@ -80,8 +79,6 @@ pub(super) struct Queue {
     /// The sync thread waits for work; a notify is needed to wake it.
     pub thread_idle: bool,
     pub closed: bool,
-    /// The last formatted `ts` and the millisecond it stands for.
-    ts: (i128, String),
     /// `rejected` records still allowed this second, and when it was refilled.
     rejected_tokens: f64,
     rejected_refilled: Instant,
@@ -104,22 +101,11 @@ impl Queue {
             note: None,
             thread_idle: false,
             closed: false,
-            ts: (i128::MIN, String::new()),
             rejected_tokens: f64::from(cfg.rejected_per_second),
             rejected_refilled: now,
             rejected_per_second: f64::from(cfg.rejected_per_second),
             rejected_skipped: 0,
         }
-    }
-
-    /// The current `ts`, formatted at most once per millisecond.
-    fn timestamp(&mut self) -> String {
-        let now = OffsetDateTime::now_utc();
-        let ms = now.unix_timestamp_nanos() / 1_000_000;
-        if self.ts.0 != ms {
-            self.ts = (ms, timestamp(now));
-        }
-        self.ts.1.clone()
     }
 
     /// One token of the `rejected` budget (a bucket of `rejected_per_second`
@@ -155,7 +141,7 @@ impl Queue {
                 &with_note
             }
         };
-        let ts = self.timestamp();
+        let ts = now_timestamp();
         let start = self.batch.len();
         match encode_line(&mut self.batch, self.next_seq, &ts, rec, &self.prev) {
             Ok(hash) => {

@@ -109,16 +109,14 @@ pub async fn read(mut body: Incoming, max: usize) -> Result<Bytes, Error> {
         if held + data.len() > max {
             return Err(Error::PayloadTooLarge { limit: max });
         }
-        match &first {
-            None if rest.is_empty() => first = Some(data),
-            _ => {
-                if let Some(f) = first.take() {
-                    rest.reserve(f.len() + data.len());
-                    rest.extend_from_slice(&f);
-                }
-                rest.extend_from_slice(&data);
-            }
+        if held == 0 {
+            first = Some(data);
+            continue;
         }
+        if let Some(f) = first.take() {
+            rest.extend_from_slice(&f);
+        }
+        rest.extend_from_slice(&data);
     }
     Ok(match first {
         Some(f) => f,

@@ -27,7 +27,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::access_log::AccessLine;
-use crate::audit::{Event, Record, bounded_request};
+use crate::audit::{Event, Record, bounded_request, now_timestamp};
 use crate::config::Config;
 use crate::error::Error;
 use crate::ids;
@@ -35,7 +35,6 @@ use crate::metrics::RequestLabels;
 use crate::peer::Peer;
 use crate::router::{self, TaskRoute};
 use crate::secret::Token;
-use crate::telemetry::now_rfc3339;
 use rate_limit::{Decision, RateKey};
 use residue::Verdict;
 use state::{Live, State};
@@ -258,7 +257,7 @@ async fn process(
         .exact()
         .unwrap_or(0);
     state.access_log.write(&AccessLine {
-        ts: &now_rfc3339(),
+        ts: &now_timestamp(),
         request_id: &ex.request_id,
         client: ex.client.label(),
         caller: ex.caller.as_deref(),
