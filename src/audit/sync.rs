@@ -29,17 +29,20 @@ pub const RETRY_INTERVAL: Duration = Duration::from_secs(1);
 pub const SYNC_INTERVAL: Duration = Duration::from_secs(1);
 /// With `always`, when attempts arrive concurrently (the last sync covered
 /// more than one), the thread waits this long after the first waiting attempt
-/// for others to join. An fsync costs 85–180 µs of CPU on the bench VM
-/// (virtio exits, journal commit; more for more blocks), so it pays to cover
-/// many; 500 µs measured better than 250 and 1,000 at 32 connections
-/// (bench/README.md). A lone caller never waits.
-const GROUP_COMMIT_WINDOW: Duration = Duration::from_micros(500);
+/// for others to join. Short: at 32 connections the sync itself (~250 µs of
+/// wall time on the bench VM) gathers the next batch, and every microsecond
+/// of window is a microsecond each waiting request is not being served —
+/// the closed loop then leaves the CPU idle. Measured (`/tmp`-style harness
+/// in bench/README.md, 8 s × 2 rounds): 500 µs left the machine 41 % idle at
+/// 19k req/s; 100 µs, 21 % idle at 26k req/s, and fewer µs of CPU per
+/// request, not more. A lone caller never waits.
+const GROUP_COMMIT_WINDOW: Duration = Duration::from_micros(100);
 /// Likewise for writes nobody syncs (`never`, `interval`, outcomes): when the
 /// last batch held several records, wait this long after the first record of
-/// the next one before writing it. Each batch costs a write and a wake-up of
-/// this thread; under load this lets one serve several requests (250 µs
-/// measured better than 100 at 32 connections).
-const WRITE_WINDOW: Duration = Duration::from_micros(250);
+/// the next one before writing it, so one write and one wake-up of this
+/// thread serve several requests (50 µs: 34–35k req/s with `never` at 32
+/// connections, against 28.5k with 250 µs).
+const WRITE_WINDOW: Duration = Duration::from_micros(50);
 /// How often an idle log checks that its file is still the one at
 /// `audit.path` (with `always` it is also checked after every sync).
 const CHECK_EVERY: Duration = Duration::from_millis(250);
