@@ -90,6 +90,8 @@ def table(workdir):
         cpu = [float(r["cpu_us"]) / int(r["requests"]) for r in ok if r["cpu_us"] != "-"]
         rss = [int(r["rss_kb"]) for r in rs if r["rss_kb"] != "-"]
         audit = [int(r["audit_bytes"]) / int(r["requests"]) for r in ok if r["audit_bytes"] != "-"]
+        # Older results.tsv files have no idle column.
+        idle = [int(r["idle_pct"]) for r in ok if r.get("idle_pct", "-") not in ("-", "", None)]
         agg[key] = {
             "rps": rps,
             "p50": p50,
@@ -98,6 +100,7 @@ def table(workdir):
             "cpu_all": cpu,
             "rss_mib": max(rss) / 1024 if rss else None,
             "audit_b": statistics.median(audit) if audit else None,
+            "idle": statistics.median(idle) if idle else None,
             "non2xx": sum(int(r["non2xx"]) for r in rs),
             "sockerr": sum(int(r["sockerr"]) for r in rs),
             "died": any(r["alive"] == "no" for r in rs),
@@ -125,7 +128,7 @@ def table(workdir):
     hdr = (
         f"{'config':<15}{'conns':>5}  {'req/s':>9} {'[min–max]':<19}{'p50 µs':>8} {'[min–max]':<15}"
         f"{'p99 µs':>8} {'[min–max]':<17}{'+p50 µs':>8}{'RSS MiB':>8}{'CPU µs/req':>11} {'[min–max]':<13}"
-        f"{'÷nginx':>8}{'÷direct':>8}  non-2xx/err"
+        f"{'÷nginx':>8}{'÷direct':>8}{'idle %':>7}  non-2xx/err"
     )
     print(hdr)
     print("-" * len(hdr))
@@ -152,12 +155,14 @@ def table(workdir):
                 f"{fmt_num(p50):>8} {spread(a['p50']):<15}"
                 f"{fmt_num(med(key, 'p99')):>8} {spread(a['p99']):<17}"
                 f"{fmt_num(added):>8}{fmt_num(a['rss_mib'], 1):>8}{fmt_num(a['cpu'], 1):>11} {spread(a['cpu_all'], 1):<13}"
-                f"{fmt_num(vs_nginx, 2):>8}{fmt_num(vs_direct, 2):>8}  {errs}"
+                f"{fmt_num(vs_nginx, 2):>8}{fmt_num(vs_direct, 2):>8}{fmt_num(a['idle']):>7}  {errs}"
             )
         print()
 
     print("+p50 = p50 minus direct p50 at the same connections; ÷ = req/s ratio at the same connections.")
     print("CPU and RSS: the proxy process (nginx: its worker); for 'direct', the upstream's worker.")
+    print("idle % = the whole machine's idle CPU during the run (wrk and the upstream included); a")
+    print("  closed-loop run that leaves it idle is held by waits, not by CPU.")
     print("non-2xx/err = wrk's non-2xx responses / socket errors, summed over rounds.")
 
     # The slow-client phase: one row per proxy.

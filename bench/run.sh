@@ -340,6 +340,15 @@ sanity_put() {
 
 CLK_TCK=$(getconf CLK_TCK)
 
+# machine_ticks: "TOTAL IDLE" jiffies of all CPUs (/proc/stat; iowait counts
+# as idle). A closed-loop run that leaves the machine idle is held by waits
+# (windows, hand-offs, the disk), not by CPU.
+machine_ticks() {
+    local _cpu user nice system idle iowait irq softirq steal _rest
+    read -r _cpu user nice system idle iowait irq softirq steal _rest </proc/stat
+    echo "$((user + nice + system + idle + iowait + irq + softirq + steal)) $((idle + iowait))"
+}
+
 # cpu_ticks PID...: utime+stime summed (the process's threads included).
 cpu_ticks() {
     local pid stat rest total=0 f
@@ -418,11 +427,13 @@ run_wrk() {
         perf_pid=$!
         pids+=("$perf_pid")
     fi
-    local t0 t1 out
+    local t0 t1 m0 m1 out
+    m0=$(machine_ticks)
     t0=$(cpu_ticks "${mpids[@]}")
     out=$(wrk -t"$threads" -c"$conns" -d"$duration" --latency -s "$here/put.lua" "${auth[@]}" \
         "http://127.0.0.1:$port$TASK_PATH" 2>&1) || { echo "$out" >&2; die "wrk failed against $name"; }
     t1=$(cpu_ticks "${mpids[@]}" 2>/dev/null || echo "")
+    m1=$(machine_ticks)
     if [[ -n $perf_pid ]]; then
         kill -INT "$perf_pid" 2>/dev/null || true
         wait "$perf_pid" 2>/dev/null || true
@@ -452,10 +463,14 @@ run_wrk() {
     local audit_bytes=-
     [[ $audit_before != - ]] && audit_bytes=$((audit_after - audit_before))
     local sockerr=$((r[connect] + r[read] + r[write] + r[timeout]))
+    local idle_pct=- mt0 mi0 mt1 mi1
+    read -r mt0 mi0 <<<"$m0"
+    read -r mt1 mi1 <<<"$m1"
+    ((mt1 > mt0)) && idle_pct=$(((mi1 - mi0) * 100 / (mt1 - mt0)))
 
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
         "$name" "$conns" "$round" "${r[requests]}" "${r[duration_us]}" "${r[p50_us]}" "${r[p99_us]}" \
-        "${rss_kb:--}" "$cpu_us" "${r[non2xx]}" "$sockerr" "$audit_bytes" "$alive" \
+        "${rss_kb:--}" "$cpu_us" "${r[non2xx]}" "$sockerr" "$audit_bytes" "$alive" "$idle_pct" \
         >>"$workdir/results.tsv"
     log_statuses "$name" "$conns" "$round" "$workdir/$name/access.log"
     printf '  %-15s c=%-3s %9.0f req/s  p50 %7.0f µs  p99 %7.0f µs  non-2xx %s  errors %s\n' \
@@ -571,7 +586,7 @@ main() {
     case $fs in
         tmpfs | ramfs) echo "the work dir is on $fs, where fsync costs nothing; set BENCH_TMPDIR to a directory on disk" >>"$workdir/notes" ;;
     esac
-    printf 'config\tconns\tround\trequests\tduration_us\tp50_us\tp99_us\trss_kb\tcpu_us\tnon2xx\tsockerr\taudit_bytes\talive\n' >"$workdir/results.tsv"
+    printf 'config\tconns\tround\trequests\tduration_us\tp50_us\tp99_us\trss_kb\tcpu_us\tnon2xx\tsockerr\taudit_bytes\talive\tidle_pct\n' >"$workdir/results.tsv"
     printf 'config\tconns\tround\tstatus\tcount\n' >"$workdir/statuses.tsv"
     printf 'config\tslow_wanted\tslow_conns\tanswered\tstatuses\tclosed_unanswered\topen_at_end\tfirst_answer_s\tlast_answer_s\trss_kb\twrk_conns\trequests\tduration_us\tp99_us\tnon2xx\tsockerr\talive\n' >"$workdir/slow.tsv"
     printf 'config\tconns\tround\tstatus\tcount\n' >"$workdir/slow-statuses.tsv"

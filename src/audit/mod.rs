@@ -138,7 +138,7 @@ pub use record::{Event, GENESIS_PREV, Record, bounded_request, now_timestamp};
 pub use rotation::{audit_files, rotated_path};
 pub use sync::{RETRY_INTERVAL, SYNC_INTERVAL};
 pub use verify::{Location, Problem, VerifyError, VerifyReport, verify};
-pub use writer::{AuditLog, AuditWriterTask};
+pub use writer::{AuditLog, AuditWriterTask, Caller};
 
 /// Why a record was not (durably) written. Every variant means "do not forward".
 #[derive(Debug, Clone, thiserror::Error)]

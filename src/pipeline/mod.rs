@@ -550,7 +550,7 @@ async fn durable_attempt(
     };
     match tokio::time::timeout(
         live.config.upstream.timeout,
-        state.audit.append_durable(attempt),
+        state.audit.append_durable_as(attempt, state.audit_caller()),
     )
     .await
     {
@@ -689,7 +689,10 @@ impl Forward {
         };
         // Written (not synced) before the caller is answered, so a crash
         // after the answer does not lose it.
-        state.audit.append_written(record).await;
+        state
+            .audit
+            .append_written_as(record, state.audit_caller())
+            .await;
         // Every replica's cached residue of the line is settled before its
         // lease goes; an unknown answer (timeout, reset) keeps the lease.
         if let (Some(shared), Some(lease)) = (

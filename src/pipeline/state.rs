@@ -2,13 +2,13 @@
 //! the long-lived pieces ([`State`]) that `app` builds once and hands in.
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use arc_swap::ArcSwap;
 use tokio_util::task::TaskTracker;
 
 use crate::access_log::AccessLog;
-use crate::audit::AuditLog;
+use crate::audit::{AuditLog, Caller};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::pipeline::rate_limit::RateLimiter;
@@ -40,4 +40,17 @@ pub struct State {
     /// not cut an update off between its attempt and its outcome); shutdown
     /// waits on this tracker for them, within the grace period.
     pub requests: TaskTracker,
+}
+
+impl State {
+    /// How a request waits for its audit record: the only request in
+    /// flight (nothing else wants its worker) spins briefly for a write's
+    /// acknowledgement rather than park (`audit::Caller`).
+    pub fn audit_caller(&self) -> Caller {
+        if self.inflight.load(Ordering::Acquire) <= 1 {
+            Caller::Alone
+        } else {
+            Caller::Busy
+        }
+    }
 }
