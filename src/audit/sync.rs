@@ -32,10 +32,10 @@ pub const SYNC_INTERVAL: Duration = Duration::from_secs(1);
 /// for others to join. Short: at 32 connections the sync itself (~250 µs of
 /// wall time on the bench VM) gathers the next batch, and every microsecond
 /// of window is a microsecond each waiting request is not being served —
-/// the closed loop then leaves the CPU idle. Measured (`/tmp`-style harness
-/// in bench/README.md, 8 s × 2 rounds): 500 µs left the machine 41 % idle at
-/// 19k req/s; 100 µs, 21 % idle at 26k req/s, and fewer µs of CPU per
-/// request, not more. A lone caller never waits.
+/// the closed loop then leaves the CPU idle (bench/run.sh's `idle %`). 500 µs
+/// left the machine 41 % idle at 19k req/s; 100 µs, 21 % idle at 24–26k
+/// req/s, with fewer µs of CPU per request, not more. A lone caller never
+/// waits.
 const GROUP_COMMIT_WINDOW: Duration = Duration::from_micros(100);
 /// Likewise for writes nobody syncs (`never`, `interval`, outcomes): when the
 /// last batch held several records, wait this long after the first record of
