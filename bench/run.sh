@@ -314,7 +314,7 @@ metrics_note() {
         echo "$name: /metrics did not answer"
         return 0
     }
-    m=$(grep -E '^taskgate_(requests_total|upstream_requests_total|residue_lookups_total|audit_records_total|audit_fsync_seconds_count)[{ ]' <<<"$m" |
+    m=$(grep -E '^taskgate_(requests_total|upstream_requests_total|residue_lookups_total|audit_records_total|audit_fsync_seconds_count|audit_fsync_seconds_sum)[{ ]' <<<"$m" |
         sed -E 's/^taskgate_//; s/_total//; s/\{([^}]*)\}/{\1}/; s/"//g' | tr '\n' ' ' || true)
     echo "$name metrics (whole run, warm-up included): ${m:-none found}"
 }
