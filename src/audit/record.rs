@@ -170,9 +170,11 @@ pub fn bounded_request(body: &[u8], parsed: Option<Value>, max: usize) -> Option
     }))
 }
 
-/// The line without its `hash` member, in the documented field order (serde
-/// serialises struct fields in declaration order). Absent values are `null`, so
-/// every line has the same members in the same order.
+/// The line without its `hash` member as serde would write it, in the
+/// documented field order (serde serialises struct fields in declaration
+/// order), absent values `null`: what [`encode_line`] must write, byte for
+/// byte (a test holds it to this).
+#[cfg(test)]
 #[derive(Serialize)]
 struct Line<'a> {
     seq: u64,
@@ -236,27 +238,7 @@ pub(crate) fn encode_line(
     prev: &HexHash,
 ) -> Result<HexHash, serde_json::Error> {
     let start = buf.len();
-    let line = Line {
-        seq,
-        ts,
-        event: rec.event,
-        request_id: &rec.request_id,
-        client: rec.client.as_deref(),
-        caller: rec.caller.as_deref(),
-        user_id: rec.user_id.as_deref(),
-        sub_user_id: rec.sub_user_id.as_deref(),
-        task_id: rec.task_id.as_deref(),
-        reason: rec.reason.as_deref(),
-        note: rec.note.as_deref(),
-        request: rec.request.as_ref(),
-        residue: rec.residue,
-        upstream_status: rec.upstream_status,
-        upstream_code: rec.upstream_code,
-        upstream_message: rec.upstream_message.as_deref(),
-        latency_ms: rec.latency_ms,
-        prev: hex_str(prev),
-    };
-    if let Err(e) = serde_json::to_writer(&mut *buf, &line) {
+    if let Err(e) = write_members(buf, seq, ts, rec, prev) {
         buf.truncate(start);
         return Err(e);
     }
@@ -268,6 +250,86 @@ pub(crate) fn encode_line(
     buf.extend_from_slice(&hash);
     buf.extend_from_slice(b"\"}\n");
     Ok(hash)
+}
+
+/// The line without its `hash` member: every member in the documented order
+/// (`FIELD_ORDER`), absent values `null`, so every line has the same members
+/// in the same order. Written member by member rather than through serde's
+/// struct serialiser (a fifth of a request's own instructions went there);
+/// strings and numbers come out exactly as serde_json writes them.
+fn write_members(
+    buf: &mut Vec<u8>,
+    seq: u64,
+    ts: &str,
+    rec: &Record,
+    prev: &HexHash,
+) -> Result<(), serde_json::Error> {
+    buf.extend_from_slice(b"{\"seq\":");
+    buf.extend_from_slice(itoa::Buffer::new().format(seq).as_bytes());
+    buf.extend_from_slice(b",\"ts\":");
+    json_str(buf, ts)?;
+    buf.extend_from_slice(b",\"event\":\"");
+    buf.extend_from_slice(rec.event.as_str().as_bytes());
+    buf.extend_from_slice(b"\",\"request_id\":");
+    json_str(buf, &rec.request_id)?;
+    for (key, value) in [
+        (&b",\"client\":"[..], &rec.client),
+        (b",\"caller\":", &rec.caller),
+        (b",\"user_id\":", &rec.user_id),
+        (b",\"sub_user_id\":", &rec.sub_user_id),
+        (b",\"task_id\":", &rec.task_id),
+        (b",\"reason\":", &rec.reason),
+        (b",\"note\":", &rec.note),
+    ] {
+        buf.extend_from_slice(key);
+        match value {
+            Some(v) => json_str(buf, v)?,
+            None => buf.extend_from_slice(b"null"),
+        }
+    }
+    buf.extend_from_slice(b",\"request\":");
+    match &rec.request {
+        Some(v) => serde_json::to_writer(&mut *buf, v)?,
+        None => buf.extend_from_slice(b"null"),
+    }
+    json_int(buf, b",\"residue\":", rec.residue);
+    json_int(buf, b",\"upstream_status\":", rec.upstream_status.map(i64::from));
+    json_int(buf, b",\"upstream_code\":", rec.upstream_code);
+    buf.extend_from_slice(b",\"upstream_message\":");
+    match &rec.upstream_message {
+        Some(v) => json_str(buf, v)?,
+        None => buf.extend_from_slice(b"null"),
+    }
+    buf.extend_from_slice(b",\"latency_ms\":");
+    match rec.latency_ms {
+        // serde_json's float formatting (and `null` for a non-finite value).
+        Some(ms) => serde_json::to_writer(&mut *buf, &ms)?,
+        None => buf.extend_from_slice(b"null"),
+    }
+    buf.extend_from_slice(b",\"prev\":\"");
+    buf.extend_from_slice(prev);
+    buf.extend_from_slice(b"\"}");
+    Ok(())
+}
+
+/// `s` as a JSON string. Most strings need no escape and are copied as they
+/// are; any other goes through serde_json, so escapes read as they always did.
+fn json_str(buf: &mut Vec<u8>, s: &str) -> Result<(), serde_json::Error> {
+    if s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+        return serde_json::to_writer(&mut *buf, s);
+    }
+    buf.push(b'"');
+    buf.extend_from_slice(s.as_bytes());
+    buf.push(b'"');
+    Ok(())
+}
+
+fn json_int(buf: &mut Vec<u8>, key: &[u8], value: Option<i64>) {
+    buf.extend_from_slice(key);
+    match value {
+        Some(n) => buf.extend_from_slice(itoa::Buffer::new().format(n).as_bytes()),
+        None => buf.extend_from_slice(b"null"),
+    }
 }
 
 /// hex(SHA-256(prev_hex || body || tail)); `body || tail` is the line without its
@@ -377,6 +439,78 @@ mod tests {
         );
         assert!(text.contains("\"client\":null,\"caller\":null,"));
         assert!(text.contains(&format!("\"prev\":\"{GENESIS_PREV}\"")));
+    }
+
+    /// What serde writes for the same record, the line format as it always was.
+    fn serde_line(rec: &Record, seq: u64, ts: &str, prev: &HexHash) -> Vec<u8> {
+        serde_json::to_vec(&Line {
+            seq,
+            ts,
+            event: rec.event,
+            request_id: &rec.request_id,
+            client: rec.client.as_deref(),
+            caller: rec.caller.as_deref(),
+            user_id: rec.user_id.as_deref(),
+            sub_user_id: rec.sub_user_id.as_deref(),
+            task_id: rec.task_id.as_deref(),
+            reason: rec.reason.as_deref(),
+            note: rec.note.as_deref(),
+            request: rec.request.as_ref(),
+            residue: rec.residue,
+            upstream_status: rec.upstream_status,
+            upstream_code: rec.upstream_code,
+            upstream_message: rec.upstream_message.as_deref(),
+            latency_ms: rec.latency_ms,
+            prev: hex_str(prev),
+        })
+        .unwrap()
+    }
+
+    fn any_text() -> impl proptest::strategy::Strategy<Value = Option<String>> {
+        proptest::option::of(proptest::string::string_regex("(.|[\\x00-\\x1f\"\\\\/é任\u{2028}])*").unwrap())
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn lines_are_byte_for_byte_what_serde_wrote(
+            event in proptest::sample::select(vec![Event::Attempt, Event::Outcome, Event::Rejected]),
+            seq in proptest::prelude::any::<u64>(),
+            request_id in any_text(),
+            texts in proptest::collection::vec(any_text(), 8),
+            numbers in proptest::collection::vec(proptest::option::of(proptest::prelude::any::<i64>()), 2),
+            status in proptest::option::of(proptest::prelude::any::<u16>()),
+            latency in proptest::option::of(proptest::prelude::any::<f64>()),
+            with_request in proptest::prelude::any::<bool>(),
+        ) {
+            let rec = Record {
+                client: texts[0].clone(),
+                caller: texts[1].clone(),
+                user_id: texts[2].clone(),
+                sub_user_id: texts[3].clone(),
+                task_id: texts[4].clone(),
+                reason: texts[5].clone(),
+                note: texts[6].clone(),
+                request: with_request.then(|| json!({"name": texts[7], "maximumcall": numbers[0]})),
+                residue: numbers[0],
+                upstream_status: status,
+                upstream_code: numbers[1],
+                upstream_message: texts[7].clone(),
+                latency_ms: latency,
+                ..Record::new(event, request_id.unwrap_or_default())
+            };
+            let prev = [b'7'; 64];
+            let ts = "2026-11-24T06:49:26.123Z";
+            let mut line = Vec::new();
+            let hash = encode_line(&mut line, seq, ts, &rec, &prev).unwrap();
+            let expected = serde_line(&rec, seq, ts, &prev);
+            let body = &line[..line.len() - 1 - SUFFIX_LEN];
+            proptest::prop_assert_eq!(
+                [body, b"}"].concat(),
+                expected.clone(),
+                "{}", String::from_utf8_lossy(&line)
+            );
+            proptest::prop_assert_eq!(hash, chain_hash(&prev, &expected, b""));
+        }
     }
 
     #[test]
