@@ -293,7 +293,11 @@ fn write_members(
         None => buf.extend_from_slice(b"null"),
     }
     json_int(buf, b",\"residue\":", rec.residue);
-    json_int(buf, b",\"upstream_status\":", rec.upstream_status.map(i64::from));
+    json_int(
+        buf,
+        b",\"upstream_status\":",
+        rec.upstream_status.map(i64::from),
+    );
     json_int(buf, b",\"upstream_code\":", rec.upstream_code);
     buf.extend_from_slice(b",\"upstream_message\":");
     match &rec.upstream_message {
@@ -317,9 +321,9 @@ fn write_members(
 fn json_str(buf: &mut Vec<u8>, s: &str) -> Result<(), serde_json::Error> {
     // In chunks, each looked at whole (no early exit), which vectorises.
     let escape = s.as_bytes().chunks(16).any(|chunk| {
-        chunk
-            .iter()
-            .fold(false, |any, &b| any | (b < 0x20) | (b == b'"') | (b == b'\\'))
+        chunk.iter().fold(false, |any, &b| {
+            any | (b < 0x20) | (b == b'"') | (b == b'\\')
+        })
     });
     if escape {
         return serde_json::to_writer(&mut *buf, s);
@@ -473,7 +477,9 @@ mod tests {
     }
 
     fn any_text() -> impl proptest::strategy::Strategy<Value = Option<String>> {
-        proptest::option::of(proptest::string::string_regex("(.|[\\x00-\\x1f\"\\\\/é任\u{2028}])*").unwrap())
+        proptest::option::of(
+            proptest::string::string_regex("(.|[\\x00-\\x1f\"\\\\/é任\u{2028}])*").unwrap(),
+        )
     }
 
     proptest::proptest! {
