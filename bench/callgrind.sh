@@ -119,8 +119,9 @@ count() {
     callgrind_control -i off "$pid" >/dev/null
     kill -TERM "$pid"
     wait "$pid" || true
-    total=$(callgrind_annotate "$out" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1; exit}')
-    sha=$(callgrind_annotate "$out" 2>/dev/null | awk '/sha2::sha256/ {gsub(",", "", $1); s += $1} END {print s + 0}')
+    callgrind_annotate --auto=no "$out" >"$out.txt" 2>/dev/null
+    total=$(awk '/PROGRAM TOTALS/ && !t {gsub(",", "", $1); t = $1} END {print t}' "$out.txt")
+    sha=$(awk '/sha2::sha256/ {gsub(",", "", $1); s += $1} END {print s + 0}' "$out.txt")
     [[ -n $total ]] || die "$name: no callgrind totals"
     printf '%-16s %10d %10d %12d\n' "$name" $((total / N)) $((sha / N)) $(((total - sha) / N))
 }
