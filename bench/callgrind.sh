@@ -54,15 +54,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-render() {
-    local in=$1 out=$2 kv text
-    shift 2
-    text=$(<"$in")
-    for kv in "$@"; do
-        text=${text//@${kv%%=*}@/${kv#*=}}
-    done
-    printf '%s\n' "$text" >"$out"
-}
+# render TEMPLATE OUT KEY=VALUE... (lib.sh)
+source "$here/lib.sh"
 
 # wait_port PORT PID: until something listens there (or the process died).
 wait_port() {

@@ -202,16 +202,8 @@ nginx_temp_paths() {
     done
 }
 
-# render TEMPLATE OUT KEY=VALUE...: replaces @KEY@ with VALUE.
-render() {
-    local in=$1 out=$2 kv text
-    shift 2
-    text=$(<"$in")
-    for kv in "$@"; do
-        text=${text//@${kv%%=*}@/${kv#*=}}
-    done
-    printf '%s\n' "$text" >"$out"
-}
+# render TEMPLATE OUT KEY=VALUE... (lib.sh)
+source "$here/lib.sh"
 
 declare -A PORT ADMIN_PORT PID_OF MEASURE_PIDS
 
