@@ -248,18 +248,23 @@ fn civil_from_days(days: i64) -> (i64, i64, i64) {
 /// too, so both logs read the same clock the same way.
 pub fn now_timestamp() -> String {
     thread_local! {
-        static LAST: std::cell::RefCell<(i128, String)> =
-            const { std::cell::RefCell::new((i128::MIN, String::new())) };
+        // `i64::MIN` is never a time below: `ms` stays within ±i64::MAX.
+        static LAST: std::cell::RefCell<(i64, String)> =
+            const { std::cell::RefCell::new((i64::MIN, String::new())) };
     }
-    // Before the epoch only with a clock set decades wrong; written as such.
+    // Before the epoch only with a clock set decades wrong; written as such,
+    // rounded down to the millisecond like any other time.
     let ms = match std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
         Ok(since) => i64::try_from(since.as_millis()).unwrap_or(i64::MAX),
-        Err(before) => -i64::try_from(before.duration().as_millis()).unwrap_or(i64::MAX),
+        Err(before) => {
+            let ms = before.duration().as_nanos().div_ceil(1_000_000);
+            -i64::try_from(ms).unwrap_or(i64::MAX)
+        }
     };
     LAST.with_borrow_mut(|(at, text)| {
-        if *at != i128::from(ms) {
+        if *at != ms {
             *text = timestamp(ms);
-            *at = i128::from(ms);
+            *at = ms;
         }
         text.clone()
     })
@@ -355,6 +360,8 @@ fn write_members(
 
 /// `s` as a JSON string. Most strings need no escape and are copied as they
 /// are; any other goes through serde_json, so escapes read as they always did.
+/// The bytes that need one are serde_json's rule (0x00–0x1F, `"`, `\`; not
+/// 0x7F, `/` or any non-ASCII), which the property test below holds us to.
 fn json_str(buf: &mut Vec<u8>, s: &str) -> Result<(), serde_json::Error> {
     // In chunks, each looked at whole (no early exit), which vectorises.
     let escape = s.as_bytes().chunks(16).any(|chunk| {
