@@ -9,7 +9,7 @@ mod support;
 use std::os::unix::process::ExitStatusExt;
 use std::time::{Duration, Instant};
 
-use support::process::{STARTUP_CONFIG, STEP, describe, silent_upstream, spawn_serve};
+use support::process::{Proc, STARTUP_CONFIG, STEP, describe, silent_upstream, spawn_serve};
 
 /// Signal delays after spawn, in ms, and trials per delay. The handlers are
 /// the first thing `main` does, but `main` itself starts ~0.95 ms after exec
@@ -17,31 +17,88 @@ use support::process::{STARTUP_CONFIG, STEP, describe, silent_upstream, spawn_se
 /// `main` at 0.92-1.05 ms after spawn returns; a C program's at ~0.63 ms):
 /// a signal sent 1 ms after spawn (plus the ~0.3 ms `kill` takes to start)
 /// races the runtime's own start, which no code of ours can act before, and
-/// lost 1-5 of 10 trials. From 2 ms on it lost none in 1,000.
+/// lost 1-5 of 10 trials. From 2 ms on it lost none in 1,000 on an idle
+/// machine.
 const SIGNAL_DELAYS_MS: std::ops::RangeInclusive<u64> = 2..=10;
 const TRIALS_PER_DELAY: usize = 10;
+/// On a loaded CI machine the child is now and then not scheduled for
+/// several ms after spawn (once in 90 trials at 4 ms: it died of the signal,
+/// its handlers not yet installed). Such a trial tested the loader, not us.
+/// The handler mask, `SigCgt`, is read just before `kill` is started: a
+/// trial that went wrong while the mask showed no handler yet is run again.
+/// One that went wrong with the handler in place is a failure. A gateway that
+/// installed its handlers late would fail every trial that way, so more than
+/// this many re-runs fail the test.
+const MAX_RERUNS: usize = TRIALS_PER_DELAY;
 /// The whole start-up test, in a debug build on a busy 2-core machine.
 const STARTUP_BUDGET: Duration = Duration::from_secs(90);
+
+const SIGHUP: u32 = 1;
+const SIGTERM: u32 = 15;
 
 /// The two tests time signals against process start: one at a time.
 static STARTUP_TRIALS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// How one trial went.
+enum Trial {
+    Passed,
+    /// It went wrong, but the process had no handler yet for the signal when
+    /// `kill` was started: it had not reached `main`'s first statement.
+    NotYetInMain,
+    Failed(String),
+}
+
+/// Sleeps `k` ms after spawn and sends `sig`; true when `p` caught signal
+/// number `signo` already as `kill` was started.
+fn signal_at(p: &Proc, k: u64, sig: &str, signo: u32) -> bool {
+    std::thread::sleep(Duration::from_millis(k));
+    let caught = p.catches(signo);
+    p.signal(sig);
+    caught
+}
+
+/// A failed trial, unless the process was signalled before it could act.
+fn failed(caught: bool, why: String) -> Trial {
+    if caught {
+        Trial::Failed(why)
+    } else {
+        Trial::NotYetInMain
+    }
+}
+
 /// Runs `trial(k)` for every delay `TRIALS_PER_DELAY` times, within the
-/// budget, and fails listing the trials that went wrong.
-fn every_delay(trial: impl Fn(u64) -> Result<(), String>) {
+/// budget (re-running a trial signalled before `main`, at most
+/// `MAX_RERUNS` times in all), and fails listing the trials that went wrong.
+fn every_delay(trial: impl Fn(u64) -> Trial) {
     let _one_at_a_time = STARTUP_TRIALS.lock().unwrap_or_else(|p| p.into_inner());
     let started = Instant::now();
     let mut failures = Vec::new();
+    let mut reruns = Vec::new();
     let mut runs = 0;
     for k in SIGNAL_DELAYS_MS {
         for rep in 0..TRIALS_PER_DELAY {
-            assert!(
-                started.elapsed() < STARTUP_BUDGET,
-                "over the {STARTUP_BUDGET:?} budget after {runs} trials; failures so far: {failures:?}"
-            );
-            runs += 1;
-            if let Err(e) = trial(k) {
-                failures.push((k, format!("k={k}ms rep {rep}: {e}")));
+            loop {
+                assert!(
+                    started.elapsed() < STARTUP_BUDGET,
+                    "over the {STARTUP_BUDGET:?} budget after {runs} trials; failures so far: {failures:?}"
+                );
+                runs += 1;
+                match trial(k) {
+                    Trial::Passed => break,
+                    Trial::Failed(e) => {
+                        failures.push((k, format!("k={k}ms rep {rep}: {e}")));
+                        break;
+                    }
+                    Trial::NotYetInMain => {
+                        reruns.push(k);
+                        assert!(
+                            reruns.len() <= MAX_RERUNS,
+                            "{} trials went wrong with no handler installed yet at the \
+                             signal's moment (delays in ms: {reruns:?}): installed too late",
+                            reruns.len()
+                        );
+                    }
+                }
             }
         }
     }
@@ -53,7 +110,8 @@ fn every_delay(trial: impl Fn(u64) -> Result<(), String>) {
         .collect();
     assert!(
         failures.is_empty(),
-        "{} of {runs} trials failed (per delay: {}); first ones:\n{}",
+        "{} of {runs} trials failed (per delay: {}; re-run as signalled before main: {reruns:?}); \
+         first ones:\n{}",
         failures.len(),
         per_delay.join(", "),
         failures
@@ -70,14 +128,13 @@ fn sigterm_at_any_moment_of_startup_exits_0() {
     let (_vendor, upstream) = silent_upstream();
     every_delay(|k| {
         let mut p = spawn_serve(STARTUP_CONFIG, &upstream);
-        std::thread::sleep(Duration::from_millis(k));
-        p.signal("TERM");
+        let caught = signal_at(&p, k, "TERM", SIGTERM);
         let status = p.wait_exit(STEP);
         if status.signal().is_none() && status.code() == Some(0) {
-            Ok(())
+            Trial::Passed
         } else {
             let err = p.stderr_text();
-            Err(format!("{}; stderr: {err}", describe(status)))
+            failed(caught, format!("{}; stderr: {err}", describe(status)))
         }
     });
 }
@@ -87,23 +144,25 @@ fn sighup_during_startup_does_not_kill_and_sigterm_then_exits_0() {
     let (_vendor, upstream) = silent_upstream();
     every_delay(|k| {
         let mut p = spawn_serve(STARTUP_CONFIG, &upstream);
-        std::thread::sleep(Duration::from_millis(k));
-        p.signal("HUP");
+        let caught = signal_at(&p, k, "HUP", SIGHUP);
         if !p.wait_ready(STEP) {
             let status = p.wait_exit(STEP);
             let err = p.stderr_text();
-            return Err(format!(
-                "SIGHUP ended it before ready: {}; stderr: {err}",
-                describe(status)
-            ));
+            return failed(
+                caught,
+                format!(
+                    "SIGHUP ended it before ready: {}; stderr: {err}",
+                    describe(status)
+                ),
+            );
         }
         p.signal("TERM");
         let status = p.wait_exit(STEP);
         if status.signal().is_none() && status.code() == Some(0) {
-            Ok(())
+            Trial::Passed
         } else {
             let err = p.stderr_text();
-            Err(format!(
+            Trial::Failed(format!(
                 "ready, then SIGTERM: {}; stderr: {err}",
                 describe(status)
             ))

@@ -64,6 +64,20 @@ pub fn spawn_serve(toml: &str, upstream: &str) -> Proc {
 }
 
 impl Proc {
+    /// Whether the process has a handler installed for signal number `signo`
+    /// (the `SigCgt` mask in `/proc/<pid>/status`). Once true it stays true:
+    /// taskgate never restores a default action.
+    pub fn catches(&self, signo: u32) -> bool {
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", self.pid)) else {
+            return false;
+        };
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigCgt:"))
+            .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+            .is_some_and(|mask| mask & (1 << (signo - 1)) != 0)
+    }
+
     /// Sends `sig` (e.g. "TERM"). Only called while the child is unreaped,
     /// so the pid is still ours even if the process has died.
     pub fn signal(&self, sig: &str) {
