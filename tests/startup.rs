@@ -26,10 +26,13 @@ const TRIALS_PER_DELAY: usize = 10;
 /// its handlers not yet installed). Such a trial tested the loader, not us.
 /// The handler mask, `SigCgt`, is read just before `kill` is started: a
 /// trial that went wrong while the mask showed no handler yet is run again.
-/// One that went wrong with the handler in place is a failure. A gateway that
-/// installed its handlers late would fail every trial that way, so more than
-/// this many re-runs fail the test.
-const MAX_RERUNS: usize = TRIALS_PER_DELAY;
+/// One that went wrong with the handler in place is a failure. A stall is
+/// chance: on the 2-core machine under four busy loops, ten runs of this
+/// binary needed at most 21 re-runs at one delay (2 ms), most none past
+/// 4 ms. A gateway that installed its handlers after a delay fails every
+/// trial at it that way, so more than this many re-runs at one delay fail
+/// the test (the bound keeps such a run short, not the test lenient).
+const MAX_RERUNS_PER_DELAY: usize = 5 * TRIALS_PER_DELAY;
 /// The whole start-up test, in a debug build on a busy 2-core machine.
 const STARTUP_BUDGET: Duration = Duration::from_secs(90);
 
@@ -68,7 +71,7 @@ fn failed(caught: bool, why: String) -> Trial {
 
 /// Runs `trial(k)` for every delay `TRIALS_PER_DELAY` times, within the
 /// budget (re-running a trial signalled before `main`, at most
-/// `MAX_RERUNS` times in all), and fails listing the trials that went wrong.
+/// `MAX_RERUNS_PER_DELAY` times a delay), and fails listing the trials that went wrong.
 fn every_delay(trial: impl Fn(u64) -> Trial) {
     let _one_at_a_time = STARTUP_TRIALS.lock().unwrap_or_else(|p| p.into_inner());
     let started = Instant::now();
@@ -91,16 +94,19 @@ fn every_delay(trial: impl Fn(u64) -> Trial) {
                     }
                     Trial::NotYetInMain => {
                         reruns.push(k);
+                        let at_k = reruns.iter().filter(|&&d| d == k).count();
                         assert!(
-                            reruns.len() <= MAX_RERUNS,
-                            "{} trials went wrong with no handler installed yet at the \
-                             signal's moment (delays in ms: {reruns:?}): installed too late",
-                            reruns.len()
+                            at_k <= MAX_RERUNS_PER_DELAY,
+                            "{at_k} trials at {k} ms went wrong with no handler installed yet \
+                             at the signal's moment: installed too late"
                         );
                     }
                 }
             }
         }
+    }
+    if !reruns.is_empty() {
+        eprintln!("re-run as signalled before main, at delays in ms: {reruns:?}");
     }
     let per_delay: Vec<String> = SIGNAL_DELAYS_MS
         .map(|k| {
